@@ -1,0 +1,18 @@
+"""Test-session settings for the whole repository: no network, one CPU thread per process.
+
+Tiny test models are dominated by per-operator overhead, where a second intra-op thread only adds
+synchronisation (on a busy 2-core machine, a hundredfold slowdown was measured); subprocesses the
+tests start inherit the same settings.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -1,0 +1,168 @@
+"""Encoder, decoder and posterior shared by the autoencoders (AutoencoderKL now, MoVQ later)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gesso.nn.activations import get_activation
+from gesso.nn.resnet import NormFactory
+from gesso.nn.unet_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+
+
+def _check_block_types(key: str, types: Sequence[str], expected: str) -> None:
+    unknown = sorted({t for t in types if t != expected})
+    if unknown:
+        raise ValueError(f"{key}: unsupported block type(s) {unknown}; this autoencoder builds only {expected!r}")
+
+
+class Encoder(nn.Module):
+    """Image to latent moments: conv_in, downsampling stages, attention mid-block, norm-act-conv_out.
+
+    With ``double_z`` the output has ``2 * out_channels`` channels: the mean and log-variance.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: Sequence[str] = ("DownEncoderBlock2D",),
+        block_out_channels: Sequence[int] = (64,),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        double_z: bool = True,
+        mid_block_add_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_block_types("down_block_types", down_block_types, "DownEncoderBlock2D")
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(
+                block_out_channels[max(i - 1, 0)],
+                channels,
+                num_layers=layers_per_block,
+                resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                add_downsample=i < len(block_out_channels) - 1,
+                downsample_padding=0,
+            )
+            for i, channels in enumerate(block_out_channels)
+        )
+        top = block_out_channels[-1]
+        self.mid_block = UNetMidBlock2D(
+            top, resnet_act_fn=act_fn, resnet_groups=norm_num_groups, attention_head_dim=top, add_attention=mid_block_add_attention
+        )
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, top, eps=1e-6)
+        self.conv_act = get_activation(act_fn)
+        self.conv_out = nn.Conv2d(top, 2 * out_channels if double_z else out_channels, kernel_size=3, padding=1)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        sample = self.conv_in(sample)
+        for block in self.down_blocks:
+            sample = block(sample)
+        sample = self.mid_block(sample)
+        return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+
+
+class Decoder(nn.Module):
+    """Latent to image: conv_in, attention mid-block, upsampling stages, norm-act-conv_out.
+
+    ``norm_factory`` (with ``temb_channels``) turns every norm into a conditional norm fed with
+    ``latent_embeds``, which is how MoVQ's decoder conditions on the quantized latent.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        up_block_types: Sequence[str] = ("UpDecoderBlock2D",),
+        block_out_channels: Sequence[int] = (64,),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        mid_block_add_attention: bool = True,
+        norm_factory: NormFactory | None = None,
+        temb_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_block_types("up_block_types", up_block_types, "UpDecoderBlock2D")
+        top = block_out_channels[-1]
+        self.conv_in = nn.Conv2d(in_channels, top, kernel_size=3, padding=1)
+        self.mid_block = UNetMidBlock2D(
+            top,
+            temb_channels,
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            attention_head_dim=top,
+            add_attention=mid_block_add_attention,
+            norm_factory=norm_factory,
+        )
+        reversed_channels = list(reversed(block_out_channels))
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock2D(
+                reversed_channels[max(i - 1, 0)],
+                channels,
+                num_layers=layers_per_block + 1,
+                resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                add_upsample=i < len(block_out_channels) - 1,
+                temb_channels=temb_channels,
+                norm_factory=norm_factory,
+            )
+            for i, channels in enumerate(reversed_channels)
+        )
+        self.conditional_norm = norm_factory is not None
+        self.conv_norm_out = (
+            norm_factory(block_out_channels[0]) if norm_factory else nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
+        )
+        self.conv_act = get_activation(act_fn)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, sample: torch.Tensor, latent_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        sample = self.conv_in(sample)
+        upscale_dtype = next(self.up_blocks.parameters()).dtype
+        sample = self.mid_block(sample, latent_embeds).to(upscale_dtype)
+        for block in self.up_blocks:
+            sample = block(sample, latent_embeds)
+        sample = self.conv_norm_out(sample, latent_embeds) if self.conditional_norm else self.conv_norm_out(sample)
+        return self.conv_out(self.conv_act(sample))
+
+
+class DiagonalGaussianDistribution:
+    """The encoder's posterior: a Gaussian per latent element, from stacked (mean, log-variance) moments."""
+
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False) -> None:
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+        if deterministic:
+            self.std = self.var = torch.zeros_like(self.mean)
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """Draw ``mean + std * eps``; ``eps`` comes from ``generator`` on its own device (one per sample for a list)."""
+        shape, dtype = self.mean.shape, self.mean.dtype
+        if isinstance(generator, list):
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator])
+        else:
+            device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
+        """KL divergence to ``other`` (a standard normal when None), summed over C, H, W."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        if other is None:
+            terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
+        else:
+            terms = (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+        return 0.5 * terms.sum(dim=[1, 2, 3])
