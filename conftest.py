@@ -16,3 +16,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run on the GPU machine (``pytest -m gpu``); without CUDA they are deselected."""
+    if torch.cuda.is_available():
+        return
+    selected = [item for item in items if "gpu" not in item.keywords]
+    if len(selected) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "gpu" in item.keywords])
+        items[:] = selected

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from gesso.testing import write_distribution
 
 FAKE_FAMILY_DIR = Path(__file__).parent / "fake_family"

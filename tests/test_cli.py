@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from PIL import Image
-
 from gesso.testing import assert_same_image
+from PIL import Image
 
 
 def test_generate_writes_png_with_both_metadata_chunks(cli, fake_checkpoint, tmp_path):
@@ -48,9 +47,8 @@ def test_cli_and_python_api_give_the_same_image(cli, fake_checkpoint, tmp_path, 
     from tests.conftest import FAKE_FAMILY_DIR
 
     sys.path.insert(0, str(FAKE_FAMILY_DIR))
-    import gesso_fake_family
-
     import gesso
+    import gesso_fake_family
 
     plugin_host(gesso_fake_family)
     result = gesso.run({"model": str(fake_checkpoint), "prompt": "a boat", "seed": 11, "output": {"dir": str(tmp_path / "py")}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from gesso.loading import ModelNotFoundError, resolve, resolve_pipeline, select_files
 
 REPO_FILES = [
@@ -64,7 +63,11 @@ def make_cache(root, repo: str, files: dict[str, str], revision: str = "abc123")
 def test_hub_id_resolves_from_local_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
-    make_cache(tmp_path, "org/model", {"model_index.json": json.dumps(index), "unet/config.json": "{}", "unet/diffusion_pytorch_model.safetensors": ""})
+    make_cache(
+        tmp_path,
+        "org/model",
+        {"model_index.json": json.dumps(index), "unet/config.json": "{}", "unet/diffusion_pytorch_model.safetensors": ""},
+    )
     folder = resolve_pipeline("org/model", cache_dir=tmp_path)
     assert (folder / "unet" / "config.json").is_file()
     assert folder.name == "abc123"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gesso import hookimpl
 from gesso.contract import Component, ConditionerSpec, ModelFamily, OptimizationSpec, Scheduler
 from gesso.plugins import PluginHost, PluginLoadError

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
 from gesso.weights import WeightsError, find_weight_files
@@ -35,7 +34,11 @@ def test_round_trip_is_exact_and_builds_no_random_weights(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "TinyModel"
     initialised_devices = []
     real_init = torch.nn.init.kaiming_uniform_
-    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda tensor, *a, **k: initialised_devices.append(tensor.device.type) or real_init(tensor, *a, **k))
+    monkeypatch.setattr(
+        torch.nn.init,
+        "kaiming_uniform_",
+        lambda tensor, *a, **k: initialised_devices.append(tensor.device.type) or real_init(tensor, *a, **k),
+    )
     loaded = TinyModel.from_pretrained(tmp_path)
     assert set(initialised_devices) == {"meta"}  # constructed on the meta device: no random numbers drawn
     x = torch.randn(3, 4)

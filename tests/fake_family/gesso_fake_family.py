@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from gesso import hookimpl
 from gesso.contract import ModelFamily
 from gesso.images import postprocess
@@ -24,9 +23,20 @@ class FakeTextToImagePipeline(DiffusionPipeline):
     default_num_inference_steps = 3
     default_guidance_scale = 2.0
 
-    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=None, guidance_scale=None,
-                 negative_prompt=None, num_images_per_prompt=1, generator=None, output_type="pil",
-                 return_dict=True, brightness=0.5):
+    def __call__(
+        self,
+        prompt=None,
+        height=None,
+        width=None,
+        num_inference_steps=None,
+        guidance_scale=None,
+        negative_prompt=None,
+        num_images_per_prompt=1,
+        generator=None,
+        output_type="pil",
+        return_dict=True,
+        brightness=0.5,
+    ):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or 16, width or 16
         images = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from gesso.tiny import tiny_clip_text_config, write_clip_tokenizer
 
 
@@ -22,9 +21,8 @@ def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 def write_reference_sd15(folder: Path, *, safety_checker: bool = True, variant: str | None = None, seed: int = 0) -> Path:
     import diffusers
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
-
     from gesso_sd15.tiny import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_safety_checker_config
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**UNET_CONFIG)

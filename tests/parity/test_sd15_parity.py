@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gesso import AutoPipelineForText2Image
+
 from tests.parity.reference_checkpoints import write_reference_sd15
 
 ATOL = 1e-3  # per pixel on [0, 1]
@@ -29,8 +29,14 @@ def pipelines(checkpoint):
 
 def generate(pipeline, **kwargs):
     seed = kwargs.pop("seed", 0)
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(kwargs.pop("generators"))] if "generators" in kwargs else torch.Generator().manual_seed(seed)
-    return pipeline(generator=generator, num_inference_steps=kwargs.pop("num_inference_steps", 4), output_type=kwargs.pop("output_type", "np"), **kwargs)
+    generator = (
+        [torch.Generator().manual_seed(seed + i) for i in range(kwargs.pop("generators"))]
+        if "generators" in kwargs
+        else torch.Generator().manual_seed(seed)
+    )
+    return pipeline(
+        generator=generator, num_inference_steps=kwargs.pop("num_inference_steps", 4), output_type=kwargs.pop("output_type", "np"), **kwargs
+    )
 
 
 CASES = {
@@ -113,14 +119,16 @@ def test_output_types(pipelines, output_type):
         torch.testing.assert_close(actual.images, expected.images, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("short_name,reference_class,overrides", [
-    ("euler_a", "EulerAncestralDiscreteScheduler", {}),
-    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("ddim", "DDIMScheduler", {}),
-])
+@pytest.mark.parametrize(
+    "short_name,reference_class,overrides",
+    [
+        ("euler_a", "EulerAncestralDiscreteScheduler", {}),
+        ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        ("ddim", "DDIMScheduler", {}),
+    ],
+)
 def test_swapped_schedulers_match(checkpoint, pipelines, short_name, reference_class, overrides):
     import diffusers
-
     from gesso.plugins import get_host
 
     reference, ours = pipelines
@@ -143,7 +151,11 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipelines):
             tensors["latents"] = tensors["latents"] * 0.5
         return tensors
 
-    kwargs = {"prompt": "a cat", "callback_on_step_end": halve_at_step_one, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+    kwargs = {
+        "prompt": "a cat",
+        "callback_on_step_end": halve_at_step_one,
+        "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
+    }
     expected = generate(reference, **dict(kwargs))
     actual = generate(ours, **dict(kwargs))
     np.testing.assert_allclose(actual.images, expected.images, atol=ATOL, rtol=0)

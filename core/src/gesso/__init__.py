@@ -11,7 +11,7 @@ _LAZY = {
     "ControlNetModel": "gesso.auto:ControlNetModel",
     "PluginHost": "gesso.plugins:PluginHost",
     "run": "gesso.runner:run",
-    "batch": "gesso.batch:batch",
+    "batch": "gesso.batching:batch",
 }
 
 

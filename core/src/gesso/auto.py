@@ -37,12 +37,12 @@ class AutoPipelineForText2Image:
                     continue
                 if model_family.name not in spec.families:
                     raise ValueError(f"{spec.pipeline_argument}= applies to families {', '.join(spec.families)}, not {model_family.name!r}")
-                attachments[spec] = value
+                attachments[spec.name] = (spec, value)  # by name: a spec holds a dict, so is unhashable
         for key in _HUB_OPTIONS:
             kwargs.pop(key, None)
         pipeline = model_family.pipeline_class().from_folder(folder, **kwargs)
         pipeline.name_or_path = str(pretrained_model_name_or_path)
-        for spec, value in attachments.items():
+        for spec, value in attachments.values():
             pipeline.conditioners.append(spec.load_factory()(value, pipeline))
         return pipeline
 

@@ -63,23 +63,35 @@ def register_schedulers(register: Callable[[Scheduler], None]) -> None:
         register(Scheduler(target=f"gesso.schedulers:{name}", class_name=name, short_names=by_class[name]))
 
 
+#: name, target, description, devices, order (layout and fusion, then compilation, then graphs).
+OPTIMIZATIONS = (
+    ("fuse_qkv", "gesso.optimize:fuse_qkv", "one matrix product for q/k/v (self-attention) and k/v (cross-attention)", ("cuda", "cpu"), 10),
+    ("channels_last", "gesso.optimize:channels_last", "NHWC memory format for the UNet and VAE convolutions", ("cuda", "cpu"), 20),
+    ("sdpa_flash", "gesso.optimize:sdpa_flash", "attention through the flash SDPA kernel only", ("cuda",), 30),
+    ("sdpa_cudnn", "gesso.optimize:sdpa_cudnn", "attention through the cuDNN SDPA kernel only", ("cuda",), 30),
+    ("sdpa_efficient", "gesso.optimize:sdpa_efficient", "attention through the memory-efficient SDPA kernel only", ("cuda", "cpu"), 30),
+    ("vae_tiling", "gesso.optimize:vae_tiling", "decode large images in overlapping tiles", ("cuda", "cpu"), 40),
+    (
+        "compile",
+        "gesso.optimize.compile:compile_regional",
+        "torch.compile of each repeated block of the hot loop (fast first compile)",
+        ("cuda", "cpu"),
+        60,
+    ),
+    ("compile_full", "gesso.optimize.compile:compile_full", "torch.compile of each hot-loop module as one graph", ("cuda", "cpu"), 61),
+    ("compile_vae", "gesso.optimize.compile:compile_vae", "torch.compile of the VAE decoder's blocks", ("cuda", "cpu"), 62),
+    ("cuda_graph", "gesso.optimize.cuda_graph:cuda_graph", "replay the denoiser call from a captured CUDA graph", ("cuda",), 80),
+    (
+        "offload",
+        "gesso.optimize.offload:model_cpu_offload",
+        "keep components in CPU memory, each on the GPU only while it runs",
+        ("cuda",),
+        90,
+    ),
+)
+
+
 @hookimpl
 def register_optimizations(register: Callable[[OptimizationSpec], None]) -> None:
-    register(
-        OptimizationSpec(
-            name="channels_last",
-            apply="gesso.optimize:channels_last",
-            description="NHWC memory format for the UNet and VAE convolutions",
-            devices=("cuda", "cpu"),
-            order=20,
-        )
-    )
-    register(
-        OptimizationSpec(
-            name="compile",
-            apply="gesso.optimize:compile_hot_loop",
-            description="torch.compile of the hot-loop modules (UNet, ControlNet)",
-            devices=("cuda", "cpu"),
-            order=80,
-        )
-    )
+    for name, target, description, devices, order in OPTIMIZATIONS:
+        register(OptimizationSpec(name=name, apply=target, description=description, devices=devices, order=order))

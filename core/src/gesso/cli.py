@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from gesso.config import ConfigError
     from gesso.configuration import ConfigFileError
@@ -21,7 +22,17 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     from gesso.registry import FamilyNotFoundError, RegistrationError
     from gesso.weights import WeightsError
 
-    return (ConfigError, ConfigFileError, ModelNotFoundError, MetadataError, ComponentLoadError, FamilyNotFoundError, RegistrationError, WeightsError, LookupError)
+    return (
+        ConfigError,
+        ConfigFileError,
+        ModelNotFoundError,
+        MetadataError,
+        ComponentLoadError,
+        FamilyNotFoundError,
+        RegistrationError,
+        WeightsError,
+        LookupError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="run-config YAML file")
     show.add_argument("--model", help="Hub repository id or local folder")
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    from gesso.batching import add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 
@@ -88,6 +103,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _plugins(args)
     if args.command == "config":
         return _config_show(args)
+    if args.command == "batch":
+        from gesso.batching import run_batch_command
+
+        return run_batch_command(args)
     return _generate_or_run(args)
 
 
@@ -139,7 +158,11 @@ def _plugins(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     for plugin in report["plugins"]:
-        origin = f"{plugin['distribution']} {plugin['version']}" if plugin["distribution"] else ("built-in" if plugin["builtin"] else "registered")
+        origin = (
+            f"{plugin['distribution']} {plugin['version']}"
+            if plugin["distribution"]
+            else ("built-in" if plugin["builtin"] else "registered")
+        )
         print(f"{plugin['name']} ({origin})")
         for kind, names in plugin["registers"].items():
             print(f"  {kind}: {', '.join(names)}")

@@ -34,7 +34,9 @@ class Conditioner:
     def prepare(self, pipeline: Any, call: Any, conditioning: Any, device: torch.device, dtype: torch.dtype) -> None:
         """Turn call arguments into tensors once per call."""
 
-    def step_inputs(self, pipeline: Any, call: Any, step: int, timestep: torch.Tensor, model_input: torch.Tensor, conditioning: Any) -> dict[str, Any]:
+    def step_inputs(
+        self, pipeline: Any, call: Any, step: int, timestep: torch.Tensor, model_input: torch.Tensor, conditioning: Any
+    ) -> dict[str, Any]:
         """Extra denoiser keyword arguments for this step ({} for none)."""
         return {}
 

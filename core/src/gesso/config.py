@@ -82,7 +82,9 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
 
 
-def user_layers(files: Iterable[str | Path] = (), overrides: Sequence[str] = (), mappings: Iterable[Mapping[str, Any]] = ()) -> list[DictConfig]:
+def user_layers(
+    files: Iterable[str | Path] = (), overrides: Sequence[str] = (), mappings: Iterable[Mapping[str, Any]] = ()
+) -> list[DictConfig]:
     layers = [OmegaConf.create(dict(m)) for m in mappings]
     layers += [load_yaml(f) for f in files]
     if overrides:
@@ -186,7 +188,11 @@ def validate(config: DictConfig, registry: Registry) -> None:
         raise ConfigError(f"dtype: must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if not _DEVICE.match(str(config.device)):
         raise ConfigError(f"device: must be auto, cpu, mps, cuda or cuda:N, got {config.device!r}")
-    if config.scheduler is not None and config.scheduler not in registry.scheduler_short_names and config.scheduler not in registry.schedulers:
+    if (
+        config.scheduler is not None
+        and config.scheduler not in registry.scheduler_short_names
+        and config.scheduler not in registry.schedulers
+    ):
         raise ConfigError(
             f"scheduler: unknown scheduler {config.scheduler!r}{did_you_mean(config.scheduler, registry.scheduler_names())}; "
             f"known: {', '.join(registry.scheduler_names())}"
@@ -194,7 +200,9 @@ def validate(config: DictConfig, registry: Registry) -> None:
     for name in config.optimizations:
         if name not in registry.optimizations and name not in presets(registry):
             known = sorted(registry.optimizations) + sorted(presets(registry))
-            raise ConfigError(f"optimizations: unknown optimization {name!r}{did_you_mean(name, known)}; known: {', '.join(known) or 'none'}")
+            raise ConfigError(
+                f"optimizations: unknown optimization {name!r}{did_you_mean(name, known)}; known: {', '.join(known) or 'none'}"
+            )
     if config.prompt is not None and not isinstance(config.prompt, str) and not OmegaConf.is_list(config.prompt):
         raise ConfigError(f"prompt: must be a string or a list of strings, got {config.prompt!r}")
 
@@ -213,7 +221,8 @@ def call_keys(config: DictConfig, registry: Registry) -> list[str]:
     if family is not None:
         keys += list(family.config_keys)
         for spec in registry.conditioners.values():
-            if family.name in spec.families:
+            # A conditioner's call parameters exist only once it is attached (``controlnet=...``).
+            if family.name in spec.families and config.get(spec.pipeline_argument) is not None:
                 keys += list(spec.config_keys)
     return keys
 

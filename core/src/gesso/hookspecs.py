@@ -15,6 +15,15 @@ from gesso.contract import Component, ConditionerSpec, ModelFamily, Optimization
 #: The version of this contract; bumped on an incompatible change (see docs/plugin-hooks.md).
 HOOK_API_VERSION = 1
 
+
+class GessoDeprecationWarning(DeprecationWarning):
+    """A hook, hook argument or contract field a plugin uses is deprecated (docs/writing-plugins.md).
+
+    Hooks are deprecated through pluggy's ``@hookspec(warn_on_impl=GessoDeprecationWarning(...))``
+    and arguments through ``warn_on_impl_args``: the warning is raised when the plugin registers.
+    """
+
+
 hookspec = pluggy.HookspecMarker("gesso")
 hookimpl = pluggy.HookimplMarker("gesso")
 

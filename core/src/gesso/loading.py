@@ -129,7 +129,11 @@ def resolve(
             return _snapshot(repo, folders, variant, use_safetensors, revision, cache_dir, local_only, token)
         except _hub_errors() as err:
             errors.append((repo, err))
-    why = "it is not in the local cache and the Hub is not used (HF_HUB_OFFLINE or local_files_only)" if local_only else f"{type(errors[-1][1]).__name__}: {str(errors[-1][1]).splitlines()[0] if str(errors[-1][1]) else ''}"
+    why = (
+        "it is not in the local cache and the Hub is not used (HF_HUB_OFFLINE or local_files_only)"
+        if local_only
+        else f"{type(errors[-1][1]).__name__}: {str(errors[-1][1]).splitlines()[0] if str(errors[-1][1]) else ''}"
+    )
     raise ModelNotFoundError(f"model {text!r} cannot be loaded: {why}")
 
 

@@ -59,7 +59,9 @@ def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, rescale: float) -
     return rescale * rescaled + (1 - rescale) * guided
 
 
-def set_timesteps(scheduler: Any, num_inference_steps: int | None, device: torch.device, timesteps: Any = None, sigmas: Any = None) -> tuple[torch.Tensor, int]:
+def set_timesteps(
+    scheduler: Any, num_inference_steps: int | None, device: torch.device, timesteps: Any = None, sigmas: Any = None
+) -> tuple[torch.Tensor, int]:
     """Configure the scheduler for explicit timesteps, explicit sigmas or a step count."""
     if timesteps is not None and sigmas is not None:
         raise ValueError("Only one of `timesteps` or `sigmas` can be passed. Please choose one to set custom values")
@@ -67,7 +69,9 @@ def set_timesteps(scheduler: Any, num_inference_steps: int | None, device: torch
     for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
         if value is not None:
             if name not in accepted:
-                raise ValueError(f"The current scheduler class {type(scheduler)}'s `set_timesteps` does not support custom {name} schedules.")
+                raise ValueError(
+                    f"The current scheduler class {type(scheduler)}'s `set_timesteps` does not support custom {name} schedules."
+                )
             scheduler.set_timesteps(**{name: value}, device=device)
             return scheduler.timesteps, len(scheduler.timesteps)
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -81,6 +85,9 @@ class Text2ImagePipeline(DiffusionPipeline):
     default_guidance_scale: ClassVar[float] = 7.5
     extra_call_parameters: ClassVar[dict[str, Any]] = {}
     callback_tensor_inputs: ClassVar[tuple[str, ...]] = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    #: Names under which ``callback_on_step_end`` sees (and replaces) ``added_cond_kwargs`` entries
+    #: (SDXL: ``text_embeds`` -> ``add_text_embeds``); entries not listed keep their own name.
+    callback_added_cond_names: ClassVar[dict[str, str]] = {}
 
     # -- the family's part ---------------------------------------------------------------------
     @property
@@ -104,14 +111,22 @@ class Text2ImagePipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {list(self.callback_tensor_inputs)}, but found {bad}")
         if call.prompt is not None and call.prompt_embeds is not None:
-            raise ValueError(f"Cannot forward both `prompt`: {call.prompt} and `prompt_embeds`. Please make sure to only forward one of the two.")
+            raise ValueError(
+                f"Cannot forward both `prompt`: {call.prompt} and `prompt_embeds`. Please make sure to only forward one of the two."
+            )
         if call.prompt is None and call.prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`. Cannot leave both `prompt` and `prompt_embeds` undefined.")
         if call.prompt is not None and not isinstance(call.prompt, str | list):
             raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(call.prompt)}")
         if call.negative_prompt is not None and call.negative_prompt_embeds is not None:
-            raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`. Please make sure to only forward one of the two.")
-        if call.prompt_embeds is not None and call.negative_prompt_embeds is not None and call.prompt_embeds.shape != call.negative_prompt_embeds.shape:
+            raise ValueError(
+                "Cannot forward both `negative_prompt` and `negative_prompt_embeds`. Please make sure to only forward one of the two."
+            )
+        if (
+            call.prompt_embeds is not None
+            and call.negative_prompt_embeds is not None
+            and call.prompt_embeds.shape != call.negative_prompt_embeds.shape
+        ):
             raise ValueError(
                 "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but got: "
                 f"`prompt_embeds` {call.prompt_embeds.shape} != `negative_prompt_embeds` {call.negative_prompt_embeds.shape}."
@@ -155,7 +170,9 @@ class Text2ImagePipeline(DiffusionPipeline):
         timesteps, _ = set_timesteps(self.scheduler, call.num_inference_steps, device, call.timesteps, call.sigmas)
         return timesteps
 
-    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, extra: dict[str, Any], call: Any) -> torch.Tensor:
+    def denoise(
+        self, model_input: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, extra: dict[str, Any], call: Any
+    ) -> torch.Tensor:
         return self.unet(
             model_input,
             t,
@@ -267,13 +284,17 @@ class Text2ImagePipeline(DiffusionPipeline):
 
         return self._finish(latents, call, device, conditioning)
 
-    def _finish(self, latents: torch.Tensor, call: Any, device: torch.device, conditioning: Conditioning) -> PipelineOutput | tuple[Any, Any]:
+    def _finish(
+        self, latents: torch.Tensor, call: Any, device: torch.device, conditioning: Conditioning
+    ) -> PipelineOutput | tuple[Any, Any]:
         nsfw = None
         if call.output_type == "latent":
             images = latents
         else:
             images = self.decode(latents, call)
-            images, nsfw = self.check_safety(images, device, conditioning.encoder_hidden_states.dtype if conditioning.encoder_hidden_states is not None else images.dtype)
+            images, nsfw = self.check_safety(
+                images, device, conditioning.encoder_hidden_states.dtype if conditioning.encoder_hidden_states is not None else images.dtype
+            )
             mask = None if nsfw is None else [not flagged for flagged in nsfw]
             images = postprocess(images, call.output_type, mask)
         if not call.return_dict:
@@ -304,7 +325,7 @@ class Text2ImagePipeline(DiffusionPipeline):
             "latents": latents,
             "prompt_embeds": conditioning.encoder_hidden_states,
             "negative_prompt_embeds": conditioning.negative_prompt_embeds,
-            **(conditioning.added_cond_kwargs or {}),
+            **{self.callback_added_cond_names.get(k, k): v for k, v in (conditioning.added_cond_kwargs or {}).items()},
         }
 
     def _run_callback(self, call: Any, step: int, t: torch.Tensor, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
@@ -316,6 +337,7 @@ class Text2ImagePipeline(DiffusionPipeline):
         if "negative_prompt_embeds" in outputs:
             conditioning.negative_prompt_embeds = outputs["negative_prompt_embeds"]
         for key in conditioning.added_cond_kwargs or {}:
-            if key in outputs:
-                conditioning.added_cond_kwargs[key] = outputs[key]
+            name = self.callback_added_cond_names.get(key, key)
+            if name in outputs:
+                conditioning.added_cond_kwargs[key] = outputs[name]
         return outputs.get("latents", latents)

@@ -63,6 +63,9 @@ class DiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the loop runs: the first module's device, or the offload target once offloading."""
+        if getattr(self, "_execution_device", None) is not None:
+            return self._execution_device
         for _, module in self.modules():
             for param in module.parameters():
                 return param.device
@@ -83,6 +86,9 @@ class DiffusionPipeline:
         for name, module in self.modules():
             target_dtype = None if (dtype is None or name in keep_fp32) else dtype
             module.to(device=device, dtype=target_dtype)
+        for conditioner in getattr(self, "conditioners", []):  # attached ControlNets and the like
+            for module in conditioner.modules().values():
+                module.to(device=device, dtype=dtype)
         return self
 
     @classmethod
@@ -203,8 +209,7 @@ def load_component(
         component = next((c for c in registry.components.values() if c.class_name == class_name), None)
     if component is None:
         raise ComponentLoadError(
-            f"{folder / 'model_index.json'}: component {name!r} is {library}.{class_name}, "
-            "which no installed plugin provides"
+            f"{folder / 'model_index.json'}: component {name!r} is {library}.{class_name}, which no installed plugin provides"
         )
     cls = component.load_class()
     path = folder / name

@@ -96,8 +96,7 @@ class Registry:
             raise FamilyNotFoundError(f"no installed family recognises pipeline {class_name!r} (installed: {known}){hint}")
         if len(scored) > 1 and scored[0][0] == scored[1][0]:
             raise FamilyNotFoundError(
-                f"families {scored[0][1]!r} and {scored[1][1]!r} both claim pipeline {class_name!r}; "
-                "name one with family=..."
+                f"families {scored[0][1]!r} and {scored[1][1]!r} both claim pipeline {class_name!r}; name one with family=..."
             )
         return self.families[scored[0][1]]
 
@@ -114,7 +113,9 @@ class Registry:
         """
         class_name, overrides = self.scheduler_short_names.get(name, (name, {}))
         if class_name not in self.schedulers:
-            raise LookupError(f"unknown scheduler {name!r}{did_you_mean(name, self.scheduler_names())}; known: {', '.join(self.scheduler_names())}")
+            raise LookupError(
+                f"unknown scheduler {name!r}{did_you_mean(name, self.scheduler_names())}; known: {', '.join(self.scheduler_names())}"
+            )
         return self.scheduler_class(class_name).from_config(base_config, **overrides)
 
     def scheduler_names(self) -> list[str]:

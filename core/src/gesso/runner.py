@@ -80,8 +80,21 @@ class PipelineCache:
 
     def get(self, config: DictConfig, host: PluginHost) -> Any:
         device, dtype = torch_settings(config)
-        attachments = {spec.pipeline_argument: config.get(spec.pipeline_argument) for spec in host.registry.conditioners.values() if config.get(spec.pipeline_argument) is not None}
-        key = (config.model, config.family, config.variant, str(device), str(dtype), config.scheduler, tuple(config.optimizations), repr(attachments))
+        attachments = {
+            spec.pipeline_argument: config.get(spec.pipeline_argument)
+            for spec in host.registry.conditioners.values()
+            if config.get(spec.pipeline_argument) is not None
+        }
+        key = (
+            config.model,
+            config.family,
+            config.variant,
+            str(device),
+            str(dtype),
+            config.scheduler,
+            tuple(config.optimizations),
+            repr(attachments),
+        )
         if key != self._key:
             self._pipeline = None
             self._pipeline = load_pipeline(config, host, attachments)
@@ -91,13 +104,16 @@ class PipelineCache:
 
 def load_pipeline(config: DictConfig, host: PluginHost, attachments: Mapping[str, Any] | None = None) -> Any:
     from gesso.auto import AutoPipelineForText2Image
+
     device, dtype = torch_settings(config)
     prepared = {}
     for name, value in (attachments or {}).items():
         spec = next(s for s in host.registry.conditioners.values() if s.pipeline_argument == name)
         loader = getattr(spec.load_factory(), "load_argument", None)
         prepared[name] = loader(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, dtype) if loader else value
-    pipeline = AutoPipelineForText2Image.from_pretrained(config.model, family=config.family, torch_dtype=dtype, variant=config.variant, **prepared)
+    pipeline = AutoPipelineForText2Image.from_pretrained(
+        config.model, family=config.family, torch_dtype=dtype, variant=config.variant, **prepared
+    )
     pipeline.to(device)
     if config.scheduler:
         pipeline.scheduler = host.registry.make_scheduler(config.scheduler, pipeline.scheduler.config)
@@ -155,7 +171,7 @@ def run(
     """Generate the images a run config describes and (with ``write``) save them under ``output.dir``."""
     import torch
 
-    from gesso.output import a1111_parameters, next_free_index, write_png, write_text
+    from gesso.output import next_free_index, write_png, write_text
 
     host = host or get_host()
     resolved = with_seed(resolve_config(config, overrides, host=host))
@@ -170,6 +186,18 @@ def run(
     folder = Path(resolved.output.dir)
     folder.mkdir(parents=True, exist_ok=True)
     start = next_free_index(folder)
+    for offset, (image, chunks) in enumerate(zip(images, metadata_chunks(resolved, pipeline, images), strict=True)):
+        run_result.paths.append(write_png(image, folder / f"{start + offset:05d}.png", chunks))
+    yaml_text = to_yaml(resolved)
+    if resolved.output.write_config:
+        write_text(yaml_text, folder / f"{start:05d}.yaml")
+    return run_result
+
+
+def metadata_chunks(resolved: DictConfig, pipeline: Any, images: Sequence[Any]) -> list[dict[str, str]]:
+    """The PNG text chunks of each image of one run: ``parameters`` (AUTOMATIC1111) and ``gesso`` (the config)."""
+    from gesso.output import a1111_parameters
+
     yaml_text = to_yaml(resolved)
     current = getattr(pipeline, "scheduler", None)
     scheduler = resolved.scheduler or (type(current).__name__ if current is not None else "")
@@ -177,10 +205,4 @@ def run(
     values.setdefault("num_inference_steps", pipeline.default_num_inference_steps)
     values["num_inference_steps"] = values["num_inference_steps"] or pipeline.default_num_inference_steps
     values["guidance_scale"] = values["guidance_scale"] if values["guidance_scale"] is not None else pipeline.default_guidance_scale
-    for offset, image in enumerate(images):
-        path = folder / f"{start + offset:05d}.png"
-        chunks = {"parameters": a1111_parameters(values, scheduler, len(images), offset), "gesso": yaml_text}
-        run_result.paths.append(write_png(image, path, chunks))
-    if resolved.output.write_config:
-        write_text(yaml_text, folder / f"{start:05d}.yaml")
-    return run_result
+    return [{"parameters": a1111_parameters(values, scheduler, len(images), offset), "gesso": yaml_text} for offset in range(len(images))]

@@ -17,13 +17,17 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
         removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
-        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: %s", max_length, removed)
+        logger.warning(
+            "The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: %s", max_length, removed
+        )
     return ids
 
 
 def attention_mask_for(text_encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor | None:
     if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").attention_mask
+        mask = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).attention_mask
         return mask.to(device)
     return None
 

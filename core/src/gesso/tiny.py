@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_MERGES = ("t h", "th e</w>", "a n", "c a", "o r", "i n")
 
@@ -79,3 +82,16 @@ def write_model_index(folder: str | Path, class_name: str, components: dict[str,
     path = folder / "model_index.json"
     path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Small random weights everywhere (zero-initialised output layers would hide wiring bugs)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + std * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))

@@ -33,9 +33,7 @@ def _index_candidates(base: str, ext: str, variant: str | None) -> list[str]:
     return [f"{base}.{ext}.index.json"]
 
 
-def find_weight_files(
-    folder: Path, base: str, variant: str | None = None, use_safetensors: bool | None = None
-) -> list[Path]:
+def find_weight_files(folder: Path, base: str, variant: str | None = None, use_safetensors: bool | None = None) -> list[Path]:
     """The files holding a component's weights, in load order.
 
     ``use_safetensors=None`` prefers safetensors and falls back to ``.bin``; ``True`` insists on
@@ -103,10 +101,7 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], so
         raise WeightsError(f"{source}: unexpected tensor {unexpected[0]!r}{more} (does config.json match the weights?)")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise WeightsError(
-                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                f"but the config gives {tuple(tensor.shape)}"
-            )
+            raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, but the config gives {tuple(tensor.shape)}")
 
 
 def save_state_dict(

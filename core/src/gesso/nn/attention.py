@@ -52,10 +52,43 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, out_dim or query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.fused: str | None = None  # "qkv" or "kv" once fuse_projections() ran
+
+    @torch.no_grad()
+    def fuse_projections(self, self_attention: bool) -> None:
+        """One matrix product for q, k and v (k and v for cross-attention) instead of three.
+
+        The fused weight is a new tensor and ``to_q`` / ``to_k`` / ``to_v`` become views into it, so
+        memory does not grow and the state dict keeps the published names and values.
+        """
+        projections = [self.to_q, self.to_k, self.to_v] if self_attention else [self.to_k, self.to_v]
+        if len({p.in_features for p in projections}) != 1 or self.fused is not None:
+            return
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if projections[0].bias is not None else None
+        offset = 0
+        for projection in projections:
+            rows = projection.out_features
+            projection.weight = nn.Parameter(weight[offset : offset + rows], requires_grad=False)
+            if bias is not None:
+                projection.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+            offset += rows
+        # Non-persistent: the state dict keeps only the published to_q / to_k / to_v.
+        self.register_buffer("fused_weight", weight, persistent=False)
+        self.register_buffer("fused_bias", bias, persistent=False)
+        self.fused = "qkv" if self_attention else "kv"
+
+    def _project(self, hidden_states: torch.Tensor, context: torch.Tensor, is_self: bool) -> tuple[torch.Tensor, ...]:
+        if self.fused == "qkv" and is_self:
+            return F.linear(hidden_states, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
+        if self.fused == "kv" and not is_self:
+            key, value = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+            return self.to_q(hidden_states), key, value
+        return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        return x.view(batch, tokens, self.heads, -1).transpose(1, 2)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def forward(
         self,
@@ -76,9 +109,7 @@ class Attention(nn.Module):
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self._split_heads(self.to_q(hidden_states))
-        key = self._split_heads(self.to_k(context))
-        value = self._split_heads(self.to_v(context))
+        query, key, value = (self._split_heads(x) for x in self._project(hidden_states, context, encoder_hidden_states is None))
         if attention_mask is not None and attention_mask.ndim == 3:
             attention_mask = attention_mask[:, None]  # broadcast over heads
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
@@ -180,6 +211,8 @@ class Transformer2DModel(nn.Module):
     ``use_linear_projection`` chooses Linear projections on tokens (SD2 / SDXL) over 1x1 convs on
     the map (SD1.x); the weights differ only in shape, so both must be reproduced exactly.
     """
+
+    compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from torch import nn
 
 from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
+from gesso.nn.tiling import tiled_decode
 from gesso.nn.vae import Decoder, DiagonalGaussianDistribution, Encoder
 
 
@@ -85,10 +86,27 @@ class AutoencoderKL(ModelMixin):
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+    use_tiling = False
+
+    def enable_tiling(self, enabled: bool = True) -> None:
+        """Decode latents larger than the training size in overlapping tiles (see :mod:`gesso.nn.tiling`)."""
+        self.use_tiling = enabled
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        image = self.decoder(z)
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        sample_size = self.config.sample_size if isinstance(self.config.sample_size, int) else self.config.sample_size[0]
+        latent_tile = sample_size // 2 ** (len(self.config.block_out_channels) - 1)
+        if self.use_tiling and (z.shape[-1] > latent_tile or z.shape[-2] > latent_tile):
+            image = tiled_decode(self._decode_tile, z, latent_tile, sample_size)
+        else:
+            image = self._decode_tile(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(

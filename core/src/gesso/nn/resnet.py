@@ -24,6 +24,8 @@ class Downsample2D(nn.Module):
     ``padding=0`` pads right/bottom by one first (the VAE encoder's asymmetric convention).
     """
 
+    compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
+
     def __init__(
         self, channels: int, use_conv: bool = False, out_channels: int | None = None, padding: int = 1, kernel_size: int = 3
     ) -> None:
@@ -51,6 +53,8 @@ class Upsample2D(nn.Module):
     ``output_size`` lets the UNet match a skip connection whose size is odd.
     """
 
+    compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
+
     def __init__(
         self, channels: int, use_conv: bool = False, out_channels: int | None = None, kernel_size: int = 3, padding: int = 1
     ) -> None:
@@ -76,6 +80,8 @@ class ResnetBlock2D(nn.Module):
     GroupNorms are replaced by conditional norms fed with ``temb`` and there is no projection.
     ``up``/``down`` resample inside the block (nearest / average pool), before ``conv1``.
     """
+
+    compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
 
     def __init__(
         self,

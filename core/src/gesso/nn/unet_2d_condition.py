@@ -82,6 +82,95 @@ def _per_block(key: str, value: Any, count: int) -> list[Any]:
     return [value] * count
 
 
+def block_settings(config: Mapping[str, Any], time_embed_dim: int) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """The per-block lists a UNet-shaped model derives from ``config``, and what all its blocks share.
+
+    ``config`` is a UNet config or any config in the same vocabulary (a ControlNet's: keys it lacks
+    take the UNet's defaults). The lists, one value per down block, are ``heads``, ``head_dims``,
+    ``cross_dims``, ``layers``, ``transformer_layers`` and ``cross_only``; the shared settings are
+    :class:`BlockSpec` fields.
+    """
+    blocks = len(config["down_block_types"])
+    num_heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim", 8)
+    per_block = dict(
+        heads=_per_block("attention_head_dim" if num_heads is None else "num_attention_heads", num_heads or head_dim, blocks),
+        head_dims=_per_block("attention_head_dim", head_dim, blocks),
+        cross_dims=_per_block("cross_attention_dim", config.get("cross_attention_dim", 1280), blocks),
+        layers=_per_block("layers_per_block", config.get("layers_per_block", 2), blocks),
+        transformer_layers=_per_block("transformer_layers_per_block", config.get("transformer_layers_per_block", 1), blocks),
+        cross_only=_per_block("only_cross_attention", config.get("only_cross_attention", False), blocks),
+    )
+    common = dict(
+        temb_channels=time_embed_dim,
+        resnet_eps=config.get("norm_eps", 1e-5),
+        resnet_act_fn=config.get("act_fn", "silu"),
+        resnet_groups=config.get("norm_num_groups", 32),
+        resnet_time_scale_shift=config.get("resnet_time_scale_shift", "default"),
+        resnet_skip_time_act=config.get("resnet_skip_time_act", False),
+        resnet_out_scale_factor=config.get("resnet_out_scale_factor", 1.0),
+        use_linear_projection=config.get("use_linear_projection", False),
+        upcast_attention=config.get("upcast_attention", False),
+        cross_attention_norm=config.get("cross_attention_norm"),
+        dropout=config.get("dropout", 0.0),
+        config=config,
+    )
+    return per_block, common
+
+
+def down_block_specs(config: Mapping[str, Any], time_embed_dim: int) -> list[tuple[str, BlockSpec]]:
+    """``(block type, spec)`` of each down block, as the UNet derives them from its config."""
+    per_block, common = block_settings(config, time_embed_dim)
+    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    names = list(config["down_block_types"])
+    specs = []
+    for i, name in enumerate(names):
+        spec = BlockSpec(
+            kind="down",
+            index=i,
+            in_channels=channels[max(i - 1, 0)],
+            out_channels=channels[i],
+            num_layers=per_block["layers"][i],
+            add_resample=i < len(names) - 1,
+            transformer_layers_per_block=per_block["transformer_layers"][i],
+            num_attention_heads=per_block["heads"][i],
+            attention_head_dim=per_block["head_dims"][i] or channels[i],
+            cross_attention_dim=per_block["cross_dims"][i],
+            downsample_padding=config.get("downsample_padding", 1),
+            only_cross_attention=per_block["cross_only"][i],
+            **common,
+        )
+        specs.append((name, spec))
+    return specs
+
+
+def mid_block_spec(config: Mapping[str, Any], time_embed_dim: int) -> tuple[str, BlockSpec] | None:
+    """``(block type, spec)`` of the mid block, as the UNet derives it (None when ``mid_block_type`` is None)."""
+    name = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if name is None:
+        return None
+    per_block, common = block_settings(config, time_embed_dim)
+    only_cross = config.get("only_cross_attention", False)
+    mid_only_cross = config.get("mid_block_only_cross_attention")
+    if mid_only_cross is None:
+        mid_only_cross = only_cross if isinstance(only_cross, bool) else False
+    channels = config.get("block_out_channels", (320, 640, 1280, 1280))[-1]
+    spec = BlockSpec(
+        kind="mid",
+        index=0,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=1,
+        transformer_layers_per_block=per_block["transformer_layers"][-1],
+        num_attention_heads=per_block["heads"][-1],
+        attention_head_dim=per_block["head_dims"][-1],
+        cross_attention_dim=per_block["cross_dims"][-1],
+        output_scale_factor=config.get("mid_block_scale_factor", 1),
+        only_cross_attention=mid_only_cross,
+        **common,
+    )
+    return name, spec
+
+
 _UNSUPPORTED = {
     "class_embed_type": None,
     "num_class_embeds": None,
@@ -180,68 +269,13 @@ class UNet2DConditionModel(ModelMixin):
             self.add_embedding = factory(self.config, time_embed_dim)
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn else None
 
-        # Per-block settings: scalars are repeated; num_attention_heads falls back to attention_head_dim.
-        heads_key = "attention_head_dim" if num_attention_heads is None else "num_attention_heads"
-        heads = _per_block(heads_key, num_attention_heads or attention_head_dim, blocks)
-        head_dims = _per_block("attention_head_dim", attention_head_dim, blocks)
-        cross_dims = _per_block("cross_attention_dim", cross_attention_dim, blocks)
-        layers = _per_block("layers_per_block", layers_per_block, blocks)
-        transformer_layers = _per_block("transformer_layers_per_block", transformer_layers_per_block, blocks)
-        cross_only = _per_block("only_cross_attention", only_cross_attention, blocks)
-        if mid_block_only_cross_attention is None:
-            mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
-        common = dict(
-            temb_channels=time_embed_dim,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            resnet_skip_time_act=resnet_skip_time_act,
-            resnet_out_scale_factor=resnet_out_scale_factor,
-            use_linear_projection=use_linear_projection,
-            upcast_attention=upcast_attention,
-            cross_attention_norm=cross_attention_norm,
-            dropout=dropout,
-            config=self.config,
-        )
+        # Down and mid blocks: derived from the config by helpers a ControlNet (same encoder) reuses.
+        self.down_blocks = nn.ModuleList(build_block(name, spec) for name, spec in down_block_specs(self.config, time_embed_dim))
+        mid = mid_block_spec(self.config, time_embed_dim)
+        self.mid_block = build_block(*mid) if mid is not None else None
 
-        self.down_blocks = nn.ModuleList()
-        for i, name in enumerate(down_block_types):
-            spec = BlockSpec(
-                kind="down",
-                index=i,
-                in_channels=block_out_channels[max(i - 1, 0)],
-                out_channels=block_out_channels[i],
-                num_layers=layers[i],
-                add_resample=i < blocks - 1,
-                transformer_layers_per_block=transformer_layers[i],
-                num_attention_heads=heads[i],
-                attention_head_dim=head_dims[i] or block_out_channels[i],
-                cross_attention_dim=cross_dims[i],
-                downsample_padding=downsample_padding,
-                only_cross_attention=cross_only[i],
-                **common,
-            )
-            self.down_blocks.append(build_block(name, spec))
-
-        self.mid_block = None
-        if mid_block_type is not None:
-            spec = BlockSpec(
-                kind="mid",
-                index=0,
-                in_channels=block_out_channels[-1],
-                out_channels=block_out_channels[-1],
-                num_layers=1,
-                transformer_layers_per_block=transformer_layers[-1],
-                num_attention_heads=heads[-1],
-                attention_head_dim=head_dims[-1],
-                cross_attention_dim=cross_dims[-1],
-                output_scale_factor=mid_block_scale_factor,
-                only_cross_attention=mid_block_only_cross_attention,
-                **common,
-            )
-            self.mid_block = build_block(mid_block_type, spec)
-
+        per_block, common = block_settings(self.config, time_embed_dim)
+        heads, head_dims, cross_dims, layers, transformer_layers, cross_only = per_block.values()
         reversed_channels = list(reversed(block_out_channels))
         reversed_transformer_layers = list(reverse_transformer_layers_per_block or reversed(transformer_layers))
         self.up_blocks = nn.ModuleList()

@@ -1,7 +1,9 @@
 """Built-in optimizations, registered through the optimization hook like any plugin's.
 
-Each optimization is a function ``apply(pipeline, policy)`` that changes a loaded pipeline in place
-within what the family's :class:`~gesso.contract.ExecutionPolicy` allows.
+Each is a function ``apply(pipeline, policy)`` that changes a loaded pipeline in place, within what
+the family's :class:`~gesso.contract.ExecutionPolicy` allows; :mod:`gesso.builtin` registers them
+with the devices they support. They compose in their registered order: layout and fusion first,
+then compilation, then CUDA-graph capture of what is compiled.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from typing import Any
 
 import torch
 
-#: Named sets of optimizations, applied in their registered ``order``.
-PRESETS: dict[str, list[str]] = {"fast": ["channels_last", "compile"]}
+#: Named sets of optimizations (the CLI's ``optimizations=[fast]``).
+PRESETS: dict[str, list[str]] = {"fast": ["fuse_qkv", "channels_last", "compile", "cuda_graph"]}
 
 
 def hot_loop_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
+    """The modules run at every denoising step: the family's ``hot_loop`` and its conditioners'."""
     modules = {name: getattr(pipeline, name, None) for name in policy.hot_loop}
     for conditioner in getattr(pipeline, "conditioners", []):
         modules.update(conditioner.modules())
@@ -22,15 +25,48 @@ def hot_loop_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
 
 
 def channels_last(pipeline: Any, policy: Any) -> None:
-    """Convolutions in NHWC memory order, the layout tensor cores read without transposes."""
+    """Convolutions in NHWC memory order, which cuDNN's tensor-core kernels read without transposes."""
+    for module in [*hot_loop_modules(pipeline, policy).values(), getattr(pipeline, "vae", None)]:
+        if isinstance(module, torch.nn.Module):
+            module.to(memory_format=torch.channels_last)
+
+
+def fuse_qkv(pipeline: Any, policy: Any) -> None:
+    """One matrix product for q/k/v of every self-attention, and for k/v of every cross-attention."""
+    from gesso.nn.attention import Attention
+
     for module in hot_loop_modules(pipeline, policy).values():
-        module.to(memory_format=torch.channels_last)
+        for name, attention in module.named_modules():
+            if type(attention) is Attention:  # subclasses (Kandinsky's added-KV attention) project their own way
+                attention.fuse_projections(self_attention=not name.endswith("attn2"))
+
+
+def vae_tiling(pipeline: Any, policy: Any) -> None:
+    """Decode large images tile by tile (memory bounded by the tile, not the image)."""
     vae = getattr(pipeline, "vae", None)
-    if isinstance(vae, torch.nn.Module):
-        vae.to(memory_format=torch.channels_last)
+    if vae is None or not hasattr(vae, "enable_tiling"):
+        raise ValueError("optimization 'vae_tiling' needs a VAE with tiled decoding")
+    vae.enable_tiling()
 
 
-def compile_hot_loop(pipeline: Any, policy: Any) -> None:
-    """``torch.compile`` each module of the hot loop (the UNet, a ControlNet), keeping its attributes."""
-    for module in hot_loop_modules(pipeline, policy).values():
-        module.compile(fullgraph=False, dynamic=False)
+def _sdpa_backend(name: str) -> Any:
+    def apply(pipeline: Any, policy: Any) -> None:
+        """Run the hot loop's attention with one SDPA kernel family only."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, name)
+        for module in hot_loop_modules(pipeline, policy).values():
+            forward = module.forward
+
+            def restricted(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+                with sdpa_kernel([backend]):
+                    return _forward(*args, **kwargs)
+
+            module.forward = restricted
+
+    return apply
+
+
+sdpa_flash = _sdpa_backend("FLASH_ATTENTION")
+sdpa_cudnn = _sdpa_backend("CUDNN_ATTENTION")
+sdpa_efficient = _sdpa_backend("EFFICIENT_ATTENTION")

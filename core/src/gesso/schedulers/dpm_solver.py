@@ -48,7 +48,9 @@ class SolverMixin(SchedulerMixin):
                 raise ValueError(f"{name}: {flag}=True is not supported by gesso")
         check_choice(name, "prediction_type", cfg.prediction_type, ("epsilon", "sample", "v_prediction"))
         check_choice(name, "timestep_spacing", self.option("timestep_spacing", "linspace"), ("linspace", "leading", "trailing"))
-        self.family = sigma_family(name, self.option("use_karras_sigmas"), self.option("use_exponential_sigmas"), self.option("use_beta_sigmas"))
+        self.family = sigma_family(
+            name, self.option("use_karras_sigmas"), self.option("use_exponential_sigmas"), self.option("use_beta_sigmas")
+        )
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)

@@ -75,7 +75,9 @@ class SigmaSchedulerMixin(SchedulerMixin):
 
     def _sigma_family(self) -> str:
         cfg = self.config
-        return sigma_family(type(self).__name__, cfg.use_karras_sigmas, self.option("use_exponential_sigmas"), self.option("use_beta_sigmas"))
+        return sigma_family(
+            type(self).__name__, cfg.use_karras_sigmas, self.option("use_exponential_sigmas"), self.option("use_beta_sigmas")
+        )
 
     def _set_sigmas(self, sigmas: torch.Tensor) -> None:
         self.sigmas = sigmas.to("cpu")

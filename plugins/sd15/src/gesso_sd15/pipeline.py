@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from gesso.images import numpy_to_pil, postprocess, to_numpy
 from gesso.pipeline import Conditioning, Text2ImagePipeline
 from gesso.text_encoding import attention_mask_for, final_layer_norm, negative_prompts, prompt_batch, repeat_per_image, tokenize

@@ -64,5 +64,7 @@ class StableDiffusionSafetyChecker(PreTrainedModel):
             if flag:
                 images[index] = torch.zeros_like(images[index]) if torch.is_tensor(images) else np.zeros(images[index].shape)
         if any(flags):
-            logger.warning("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.")
+            logger.warning(
+                "Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed."
+            )
         return images, flags

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gesso.tiny import randomise  # noqa: F401 - re-exported: tests import it from here
 
 #: Small configs with every structural feature of the full-size SD1.5 models.
 UNET_CONFIG: dict[str, Any] = {
@@ -47,18 +48,25 @@ def tiny_safety_checker_config() -> Any:
 
     return CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
 
 
 def write_tiny_checkpoint(folder: str | Path, *, safety_checker: bool = False, variant: str | None = None, seed: int = 0) -> Path:
     """Write model_index.json and every component; ``variant="fp16"`` also writes float16 files."""
-    from transformers import CLIPImageProcessor, CLIPTextModel
-
     from gesso.nn import AutoencoderKL, UNet2DConditionModel
     from gesso.schedulers import PNDMScheduler
     from gesso.tiny import tiny_clip_text_config, write_clip_tokenizer, write_model_index
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
     from gesso_sd15.safety_checker import StableDiffusionSafetyChecker
 
     folder = Path(folder)
@@ -89,14 +97,3 @@ def write_tiny_checkpoint(folder: str | Path, *, safety_checker: bool = False, v
         components["feature_extractor"] = ("transformers", "CLIPImageProcessor")
     write_model_index(folder, "StableDiffusionPipeline", components)
     return folder
-
-
-def randomise(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """Small random weights everywhere (zero-initialised output layers would hide wiring bugs)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + std * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(std * torch.randn(param.shape, generator=generator))

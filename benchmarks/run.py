@@ -1,0 +1,388 @@
+"""GPU benchmark: gesso against the reference library on the same GPU, in the same run.
+
+    python benchmarks/run.py --families sd15 sdxl --out benchmarks/results
+
+For each family it writes a full-size random-weight checkpoint (``checkpoints.py``), loads it
+through each library's normal loading path, and measures, in float16 with classifier-free
+guidance: the UNet step at batch 2 for each optimization variant (median of CUDA-event timings
+after warm-up; compile time reported apart), the end-to-end warm generation, the warm load
+time and the peak GPU memory. Prints a table with ratios; writes ``results.json`` and a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import architectures, write_family  # noqa: E402
+
+SIZES = {"sd15": 512, "sdxl": 1024}
+STEPS = {"sd15": 50, "sdxl": 30}
+#: name -> (optimizations, environment for the compile step)
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "eager": ([], {}),
+    "fused+NHWC": (["fuse_qkv", "channels_last"], {}),
+    "fused+NHWC+graph": (["fuse_qkv", "channels_last", "cuda_graph"], {}),
+    "fast": (["fuse_qkv", "channels_last", "compile", "cuda_graph"], {}),
+    "fast, full-UNet compile": (["fuse_qkv", "channels_last", "compile_full", "cuda_graph"], {}),
+    "fast + compiled VAE": (["fuse_qkv", "channels_last", "compile", "compile_vae", "cuda_graph"], {}),
+    "fast, max-autotune": (["fuse_qkv", "channels_last", "compile", "cuda_graph"], {"GESSO_COMPILE_MODE": "max-autotune-no-cudagraphs"}),
+}
+
+
+def cuda_median_ms(fn: Any, warmup_s: float = 1.0, repeat: int = 30) -> float:
+    """Median of CUDA-event timings, after at least ``warmup_s`` of calls (clocks ramp up from idle)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        fn()
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def unet_inputs(unet: Any, family: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    size = SIZES[family] // 8
+    generator = torch.Generator("cuda").manual_seed(0)
+    sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16, generator=generator)
+    kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
+    if family == "sdxl":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16, generator=generator),
+            "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device="cuda", dtype=torch.float16),
+        }
+    return (sample, torch.tensor(500.0, device="cuda")), kwargs
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def load_gesso(folder: Path, optimizations: list[str]) -> tuple[Any, float]:
+    from gesso import AutoPipelineForText2Image
+    from gesso.plugins import get_host
+
+    start = time.perf_counter()
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    registry = get_host().registry
+    policy = registry.families[pipeline.family].execution_policy
+    for spec in sorted((registry.optimizations[n] for n in optimizations), key=lambda s: s.order):
+        spec.load_apply()(pipeline, policy)
+    return pipeline, load_s
+
+
+def load_reference(folder: Path) -> tuple[Any, float]:
+    import diffusers
+
+    start = time.perf_counter()
+    pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+    torch.cuda.synchronize()
+    return pipeline, time.perf_counter() - start
+
+
+def attention_kernels(unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Names of the attention kernels that actually run (read off the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        unet(*args, **kwargs)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if any(s in e.key.lower() for s in ("flash", "fmha", "attention", "cudnn_sdpa", "sdpa"))}
+    return sorted(n[:90] for n in names)
+
+
+def end_to_end(pipeline: Any, family: str, repeat: int = 3) -> tuple[float, float]:
+    """Warm seconds for one image (text encoding + steps + decode) and peak GiB."""
+    kwargs = {"prompt": "an astronaut in a jungle, cold color palette", "num_inference_steps": STEPS[family], "output_type": "pil"}
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline(**kwargs, generator=torch.Generator("cpu").manual_seed(0))  # warm-up (and capture)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        pipeline(**kwargs, generator=torch.Generator("cpu").manual_seed(0))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+@torch.no_grad()
+def bench_family(family: str, root: Path, variants: list[str], end_to_end_variants: list[str], cold_start: bool = False) -> dict[str, Any]:
+    folder = write_family(family, root / family)
+    free()
+    result: dict[str, Any] = {
+        "family": family,
+        "size": SIZES[family],
+        "steps": STEPS[family],
+        "unet_ms": {},
+        "compile_s": {},
+        "e2e_s": {},
+        "peak_gib": {},
+        "load_s": {},
+    }
+
+    reference, _ = load_reference(folder)
+    reference, result["load_s"]["reference"] = load_reference(folder)  # warm (page cache)
+    args, kwargs = unet_inputs(reference.unet, family)
+    result["unet_ms"]["reference eager"] = cuda_median_ms(lambda: reference.unet(*args, **kwargs))
+    print(f"[{family}] reference eager: {result['unet_ms']['reference eager']:.2f} ms/step", flush=True)
+    result["attention_kernels_reference"] = attention_kernels(reference.unet, args, kwargs)
+    result["e2e_s"]["reference eager"], result["peak_gib"]["reference eager"] = end_to_end(reference, family)
+    reference = None  # free its GPU memory before the next variant
+    free()
+
+    for name, (optimizations, environment) in VARIANTS.items():
+        if name not in variants:
+            continue
+        saved = {k: os.environ.get(k) for k in environment}
+        os.environ.update(environment)
+        try:
+            measure_variant(result, folder, family, name, optimizations, end_to_end_variants)
+        except Exception as err:  # one broken variant must not lose the others' numbers
+            result.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            torch._dynamo.reset()
+        free()
+    _, result["load_s"]["gesso"] = load_gesso(folder, [])
+    free()
+    if cold_start:
+        result["first_image_s"] = first_image_times(folder, root / "inductor-cache")
+    return result
+
+
+def first_image_times(folder: Path, cache: Path) -> dict[str, float]:
+    """New process to first image with ``fast``: empty compile cache, then the cache it left."""
+    import shutil
+    import subprocess
+
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    script = Path(__file__).resolve().parent / "first_image.py"
+    times = {}
+    for label in ("empty cache", "warm cache"):
+        out = subprocess.run([sys.executable, str(script), str(folder)], env=env, capture_output=True, text=True, check=True).stdout
+        times[label] = json.loads(out.strip().splitlines()[-1])["first_image_s"]
+    return times
+
+
+def measure_variant(
+    result: dict[str, Any], folder: Path, family: str, name: str, optimizations: list[str], end_to_end_variants: list[str]
+) -> None:
+    pipeline, load_s = load_gesso(folder, optimizations)
+    result["load_s"].setdefault("gesso", load_s)
+    args, kwargs = unet_inputs(pipeline.unet, family)
+    start = time.perf_counter()
+    pipeline.unet(*args, **kwargs)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    step_ms = cuda_median_ms(lambda: pipeline.unet(*args, **kwargs))
+    result["unet_ms"][f"gesso {name}"] = step_ms
+    result["compile_s"][f"gesso {name}"] = max(first - step_ms / 1000, 0.0)
+    print(f"[{family}] gesso {name}: {step_ms:.2f} ms/step (first call {first:.1f} s)", flush=True)
+    if name == "eager":
+        result["attention_kernels_gesso"] = attention_kernels(pipeline.unet, args, kwargs)
+    if name in end_to_end_variants:
+        result["e2e_s"][f"gesso {name}"], result["peak_gib"][f"gesso {name}"] = end_to_end(pipeline, family)
+    pipeline = None  # free its GPU memory before the next variant
+
+
+COMPONENTS = ("kandinsky22", "controlnet_sd15")
+COMPONENT_SIZES = {"kandinsky22": 768, "controlnet_sd15": 512}
+
+
+@torch.no_grad()
+def bench_component(name: str) -> dict[str, Any]:
+    """Denoiser step of a family whose pipeline is not timed here: the reference module built from
+    the published config with random weights, gesso's module loaded with the same state dict."""
+    import diffusers
+    from checkpoints import _clean, fill_random
+
+    spec = architectures()
+    size = COMPONENT_SIZES[name] // 8
+    generator = torch.Generator("cuda").manual_seed(0)
+    sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
+    t = torch.tensor(500.0, device="cuda")
+    result: dict[str, Any] = {"family": name, "size": COMPONENT_SIZES[name], "unet_ms": {}, "compile_s": {}}
+    if name == "kandinsky22":
+        import gesso_kandinsky.unet  # noqa: F401  (registers the Kandinsky blocks)
+        from gesso.nn import UNet2DConditionModel
+
+        config = _clean(spec["kandinsky22"]["unet"])
+        with torch.device("cuda"):
+            reference = diffusers.UNet2DConditionModel(**config)
+        fill_random(reference, 0)
+        reference.half()
+        with torch.device("meta"):
+            ours = UNet2DConditionModel.from_config(config)
+        ours.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()}, assign=True)
+        image = {"image_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16, generator=generator)}
+        ref_step = lambda: reference(sample, t, None, added_cond_kwargs=image)  # noqa: E731
+        our_modules = {"unet": ours}
+        our_step = lambda: our_modules["unet"](sample, t, None, added_cond_kwargs=image)  # noqa: E731
+    else:
+        from gesso.nn import UNet2DConditionModel
+        from gesso_controlnet.model import ControlNetModel
+
+        unet_config, net_config = _clean(spec["sd15"]["unet"]), _clean(spec["controlnet_sd15"]["controlnet"])
+        with torch.device("cuda"):
+            ref_unet, ref_net = diffusers.UNet2DConditionModel(**unet_config), diffusers.ControlNetModel(**net_config)
+        for index, module in enumerate((ref_unet, ref_net)):
+            fill_random(module, index)
+            module.half()
+        with torch.device("meta"):
+            our_unet, our_net = UNet2DConditionModel.from_config(unet_config), ControlNetModel.from_config(net_config)
+        our_unet.load_state_dict({k: v.clone() for k, v in ref_unet.state_dict().items()}, assign=True)
+        our_net.load_state_dict({k: v.clone() for k, v in ref_net.state_dict().items()}, assign=True)
+        our_modules = {"unet": our_unet, "controlnet": our_net}
+        hidden = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16, generator=generator)
+        control = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16, generator=generator)
+
+        def ref_step() -> Any:
+            down, mid = ref_net(sample, t, hidden, controlnet_cond=control, return_dict=False)
+            return ref_unet(sample, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+        def our_step() -> Any:
+            down, mid = our_modules["controlnet"](sample, t, hidden, controlnet_cond=control, return_dict=False)
+            return our_modules["unet"](sample, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    result["unet_ms"]["reference eager"] = cuda_median_ms(ref_step)
+    print(f"[{name}] reference eager: {result['unet_ms']['reference eager']:.2f} ms/step", flush=True)
+    reference = ref_unet = ref_net = None  # noqa: F841  (free before timing ours)
+    free()
+    from types import SimpleNamespace
+
+    from gesso.contract import ExecutionPolicy
+    from gesso.plugins import get_host
+
+    holder = SimpleNamespace(**our_modules, conditioners=[])
+    policy = ExecutionPolicy(hot_loop=tuple(our_modules))
+    registry = get_host().registry
+    for label, names in (("eager", []), ("fast", ["fuse_qkv", "channels_last", "compile", "cuda_graph"])):
+        for spec_ in sorted((registry.optimizations[n] for n in names), key=lambda s: s.order):
+            spec_.load_apply()(holder, policy)
+        start = time.perf_counter()
+        our_step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        result["unet_ms"][f"gesso {label}"] = cuda_median_ms(our_step)
+        result["compile_s"][f"gesso {label}"] = first
+        print(f"[{name}] gesso {label}: {result['unet_ms'][f'gesso {label}']:.2f} ms/step (first call {first:.1f} s)", flush=True)
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        ref = r["unet_ms"]["reference eager"]
+        what = "ControlNet + UNet" if r["family"] == "controlnet_sd15" else "UNet"
+        lines.append(f"\n{r['family']} {r['size']}x{r['size']}, float16, {what} step at batch 2 (CFG)")
+        lines.append(f"  {'variant':40s} {'ms/step':>9s} {'vs ref':>7s} {'compile s':>10s}")
+        for name, ms in r["unet_ms"].items():
+            lines.append(f"  {name:40s} {ms:9.2f} {ref / ms:6.2f}x {r['compile_s'].get(name, 0.0):10.1f}")
+        if "e2e_s" not in r:
+            continue
+        ref_e2e = r["e2e_s"]["reference eager"]
+        lines.append(f"  end to end, {r['steps']} steps, warm:")
+        for name, seconds in r["e2e_s"].items():
+            lines.append(f"  {name:40s} {seconds:8.3f} s {ref_e2e / seconds:6.2f}x  peak {r['peak_gib'][name]:.2f} GiB")
+        lines.append(f"  warm load to GPU: reference {r['load_s']['reference']:.2f} s, gesso {r['load_s']['gesso']:.2f} s")
+        if "first_image_s" in r:
+            lines.append("  new process to first image (fast): " + ", ".join(f"{k} {v:.1f} s" for k, v in r["first_image_s"].items()))
+        lines.append(f"  attention kernels: gesso {r.get('attention_kernels_gesso')}; reference {r['attention_kernels_reference']}")
+        for name, error in r.get("errors", {}).items():
+            lines.append(f"  FAILED {name}: {error}")
+    return "\n".join(lines)
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        names = list(r["unet_ms"])
+        ax.barh(names, [r["unet_ms"][n] for n in names], color=["#999"] + ["#3a7"] * (len(names) - 1))
+        ax.set_xlabel("ms per UNet step (batch 2, fp16)")
+        ax.set_title(f"{r['family']} {r['size']}x{r['size']}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=["sd15"], choices=sorted(SIZES))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/gesso-bench"))
+    parser.add_argument("--components", nargs="*", default=[], choices=COMPONENTS, help="denoiser-only timings")
+    parser.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
+    parser.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if "max-autotune" not in v], help="UNet variants to time")
+    parser.add_argument("--e2e", nargs="*", default=["eager", "fast", "fast + compiled VAE"], help="variants also timed end to end")
+    args = parser.parse_args()
+    import diffusers
+    import transformers
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "reference_recorded": architectures().get("measured_2026_11_26_h200", {}),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for family in args.families:  # saved after each family, so a time-out keeps what was measured
+        results.append(bench_family(family, args.scratch, args.variants, args.e2e, args.cold_start))
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        chart(results, args.out / "unet_step.png")
+    for component in args.components:
+        try:
+            results.append(bench_component(component))
+        except Exception as err:
+            results.append(
+                {
+                    "family": component,
+                    "size": COMPONENT_SIZES[component],
+                    "unet_ms": {"reference eager": float("nan")},
+                    "compile_s": {},
+                    "errors": {"all": f"{type(err).__name__}: {err}"[:300]},
+                }
+            )
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        chart(results, args.out / "unet_step.png")
+    print(f"{meta['gpu']}, torch {meta['torch']}, diffusers {meta['diffusers']} (reference), {meta['date']}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

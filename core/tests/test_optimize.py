@@ -1,0 +1,87 @@
+"""Optimizations on the CPU path: same images, composable from the run config, clear refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gesso import AutoPipelineForText2Image
+from gesso.config import ConfigError
+from gesso.plugins import get_host
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from gesso_sd15.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+def images(pipeline, seed=0):
+    return pipeline("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+
+def optimized(folder, *names):
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    registry = get_host().registry
+    for name in names:
+        registry.optimizations[name].load_apply()(pipeline, registry.families["sd15"].execution_policy)
+    return pipeline
+
+
+def test_fused_projections_and_channels_last_give_the_same_image(folder):
+    plain = images(AutoPipelineForText2Image.from_pretrained(folder))
+    pipeline = optimized(folder, "fuse_qkv", "channels_last")
+    fused = [m for m in pipeline.unet.modules() if getattr(m, "fused", None)]
+    assert {m.fused for m in fused} == {"qkv", "kv"}
+    assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(images(pipeline), plain, atol=1e-4)  # float32 rounding of larger GEMMs / NHWC convs
+    assert set(pipeline.unet.state_dict()) == set(AutoPipelineForText2Image.from_pretrained(folder).unet.state_dict())
+
+
+def test_regional_compile_on_cpu_gives_the_same_image(folder, monkeypatch):
+    monkeypatch.setenv("GESSO_COMPILE_BACKEND", "aot_eager")  # full graph capture, no code generation (CI time)
+    plain = images(AutoPipelineForText2Image.from_pretrained(folder))
+    pipeline = optimized(folder, "compile")
+    compiled = [m for m in pipeline.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and {type(m).__name__ for m in compiled} <= {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    np.testing.assert_allclose(images(pipeline), plain, atol=1e-4)
+
+
+def test_offload_runs_components_in_the_family_order(folder):
+    from gesso.optimize.offload import model_cpu_offload
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    chain = model_cpu_offload(pipeline, get_host().registry.families["sd15"].execution_policy, "cpu")
+    names = {id(getattr(pipeline, n)): n for n in ("text_encoder", "unet", "vae")}
+    order = []
+    activate = chain.activate
+    chain.activate = lambda module: (order.append(names.get(id(module))), activate(module))[1]
+    images(pipeline)
+    assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == ["text_encoder", "unet", "vae"]
+
+
+def test_run_config_selects_optimizations_and_refuses_unsupported_ones(folder, tmp_path):
+    import gesso
+
+    base = {"model": str(folder), "prompt": "a cat", "num_inference_steps": 2, "seed": 1, "output": {"dir": str(tmp_path)}}
+    plain = gesso.run(base, write=False).images[0]
+    fused = gesso.run({**base, "optimizations": ["fuse_qkv", "channels_last"]}, write=False).images[0]
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(fused, dtype=int)).max() <= 1
+    with pytest.raises(ConfigError, match="'cuda_graph' runs on cuda, not 'cpu'"):
+        gesso.run({**base, "optimizations": ["cuda_graph"]}, write=False)
+    with pytest.raises(ConfigError, match="did you mean 'fuse_qkv'"):
+        gesso.run({**base, "optimizations": ["fuse_qvk"]}, write=False)
+    assert get_host().registry.optimizations["cuda_graph"].supports("sd15", "cuda") is None
+
+
+def test_graph_output_copies_survive_the_next_replay():
+    """The graph's output buffers are reused by every replay; callers must get copies."""
+    from gesso.nn.unet_2d_condition import UNet2DConditionOutput
+    from gesso.optimize.cuda_graph import _detached_copy
+
+    static = UNet2DConditionOutput(sample=torch.ones(2))
+    copied = _detached_copy((static, [static.sample], {"x": static.sample}))
+    static.sample.fill_(5)
+    assert copied[0].sample.tolist() == [1.0, 1.0]
+    assert copied[1][0].tolist() == [1.0, 1.0] and copied[2]["x"].tolist() == [1.0, 1.0]

@@ -1,0 +1,37 @@
+"""Registers the ControlNet model classes and the ``controlnet=`` conditioner with gesso."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gesso import hookimpl
+from gesso.contract import Component, ConditionerSpec
+
+#: Run-config keys the conditioner adds (name -> default), the reference's call defaults.
+CONFIG_KEYS = {
+    "image": None,
+    "controlnet_conditioning_scale": 1.0,
+    "guess_mode": False,
+    "control_guidance_start": 0.0,
+    "control_guidance_end": 1.0,
+}
+
+
+@hookimpl
+def register_components(register: Callable[[Component], None]) -> None:
+    register(Component("diffusers", "ControlNetModel", "gesso_controlnet.model:ControlNetModel"))
+    register(Component("diffusers", "MultiControlNetModel", "gesso_controlnet.model:MultiControlNetModel"))
+
+
+@hookimpl
+def register_conditioners(register: Callable[[ConditionerSpec], None]) -> None:
+    register(
+        ConditionerSpec(
+            name="controlnet",
+            pipeline_argument="controlnet",
+            families=("sd15", "sdxl"),
+            factory="gesso_controlnet.conditioner:attach",
+            config_keys=CONFIG_KEYS,
+            description="ControlNet: steer the UNet with a control image (pose, edges, depth ...); several nets sum",
+        )
+    )
