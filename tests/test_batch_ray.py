@@ -90,3 +90,37 @@ def test_tiny_sd15_on_ray_equals_local_and_gesso_run(ray_session, tiny_checkpoin
         {"model": str(checkpoint), "prompt": "a green cone", "seed": 7, "num_inference_steps": 2, "height": 32, "width": 32}, write=False
     )
     assert_same_image(single.images[0], Image.open(tmp_path / "ray" / "00002.png"))
+
+
+def test_scaling_script_reports_throughput_and_efficiency(ray_session, fake, fake_checkpoint, tmp_path):
+    """benchmarks/scaling.py on CPU workers: one job per worker count, every image made, an efficiency per row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import scaling
+    finally:
+        sys.path.pop(0)
+    results = scaling.main(
+        [
+            "--families",
+            "fake",
+            "--model",
+            str(fake_checkpoint),
+            "--device",
+            "cpu",
+            "--gpus",
+            "1",
+            "2",
+            "--items-per-gpu",
+            "3",
+            "--scratch",
+            str(tmp_path / "s"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    rows = results[0]["rows"]
+    assert [row["workers"] for row in rows] == [1, 2]
+    assert [row["images"] for row in rows] == [3, 6] and all(row["failed"] == 0 for row in rows)
+    assert rows[0]["efficiency"] == 1.0
+    assert json.loads((tmp_path / "r" / "scaling.json").read_text())["results"][0]["family"] == "fake"
+    assert sorted(p.name for p in (tmp_path / "s" / "fake-2").glob("*.png")) == [f"{i:05d}.png" for i in range(6)]

@@ -115,3 +115,25 @@ def test_bad_yaml_file_and_missing_config_file(cli, tmp_path):
     assert result.returncode == 2 and "absent.yaml does not exist" in result.stderr
     result = cli("run", "--from", "absent.png")
     assert result.returncode == 2 and "absent.png does not exist" in result.stderr
+
+
+def test_sd15_cli_and_python_api_give_the_same_image(cli, tiny_checkpoint, tmp_path):
+    """A real family end to end: ``gesso generate ... seed=N`` equals the pipeline called with
+    ``torch.Generator("cpu").manual_seed(N)``, and ``gesso run --from`` reproduces it."""
+    import torch
+    from gesso import AutoPipelineForText2Image
+
+    folder = tiny_checkpoint("sd15")
+    result = cli("generate", "a red fox", "--model", str(folder), "--out", "sd", "seed=21", "num_inference_steps=3", "scheduler=euler_a")
+    assert result.returncode == 0, result.stderr
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    from gesso.plugins import get_host
+
+    pipeline.scheduler = get_host().registry.make_scheduler("euler_a", pipeline.scheduler.config)
+    expected = pipeline("a red fox", num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(21)).images[0]
+    written = Image.open(tmp_path / "sd" / "00000.png")
+    assert_same_image(written, expected)
+    assert "Sampler: Euler a" in written.text["parameters"]
+    replay = cli("run", "--from", "sd/00000.png", "--out", "again")
+    assert replay.returncode == 0, replay.stderr
+    assert_same_image(Image.open(tmp_path / "again" / "00000.png"), written)

@@ -79,9 +79,9 @@ def test_optimized_results_match_float32_eager(sd15_folder, float32_reference, o
     """float16: the final latents of a whole run, and one denoiser step, against float32 eager.
 
     bfloat16 keeps 8 mantissa bits: on this random-weight model bfloat16 *eager* already lands at
-    about 2.1e-2 from float32 on one step and 8e-2 on a run (measured on the H200), so in bfloat16 an
-    optimization is held to bfloat16 eager (it must add no error of its own), and the drift from
-    float32 is printed for the record."""
+    about 2.1e-2 from float32 on one step and 8e-2 on a run (measured on the H200). So in bfloat16 an
+    optimized step must be no further from float32 than 2e-2 or than bfloat16 eager is (+10%): it may
+    add no error of its own. (Compiled kernels keep fused intermediates in float32 and land closer.)"""
     latents, _ = final_latents(sd15_folder, torch.float16, optimizations)
     error = relative_error(latents, float32_reference[0])
     print(f"float16 {'+'.join(optimizations)}: final latents vs float32 eager, relative error {error:.2e}")
@@ -90,10 +90,10 @@ def test_optimized_results_match_float32_eager(sd15_folder, float32_reference, o
     error = relative_error(denoiser_output(sd15_folder, torch.float16, optimizations), expected)
     print(f"float16 {'+'.join(optimizations)}: one denoiser step vs float32 eager, relative error {error:.2e}")
     assert error <= 2e-2
-    bf16 = denoiser_output(sd15_folder, torch.bfloat16, optimizations)
-    error = relative_error(bf16, denoiser_output(sd15_folder, torch.bfloat16))
-    print(f"bfloat16 {'+'.join(optimizations)}: vs bfloat16 eager {error:.2e}, vs float32 eager {relative_error(bf16, expected):.2e}")
-    assert error <= 2e-2
+    error = relative_error(denoiser_output(sd15_folder, torch.bfloat16, optimizations), expected)
+    eager_error = relative_error(denoiser_output(sd15_folder, torch.bfloat16), expected)
+    print(f"bfloat16 {'+'.join(optimizations)}: one step vs float32 eager {error:.2e} (bfloat16 eager: {eager_error:.2e})")
+    assert error <= max(2e-2, 1.1 * eager_error)
 
 
 @pytest.mark.parametrize("backend", ["default", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"])
