@@ -155,3 +155,13 @@ def test_every_kind_of_registration_is_reported():
     assert info.registers == {"components": ["mylib/MyModel"], "conditioners": ["mine"], "optimizations": ["nothing"]}
     report = host.report()
     assert any(p["name"] == "everything" for p in report["plugins"])
+
+
+def test_listing_plugins_imports_neither_torch_nor_transformers():
+    """Heavy imports happen when a family is used, not when ``gesso plugins`` lists it."""
+    import subprocess
+    import sys
+
+    code = "import sys; from gesso.plugins import PluginHost; PluginHost(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stderr

@@ -54,7 +54,7 @@ def register_components(register: Callable[[Component], None]) -> None:
 
 @hookimpl
 def register_schedulers(register: Callable[[Scheduler], None]) -> None:
-    from gesso.schedulers import SHORT_NAMES
+    from gesso.scheduler_names import SHORT_NAMES
 
     by_class: dict[str, dict[str, dict]] = {name: {} for name in SCHEDULER_CLASSES}
     for short, (class_name, overrides) in SHORT_NAMES.items():

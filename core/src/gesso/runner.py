@@ -6,6 +6,7 @@ image through either, because ``seed=N`` always means ``torch.Generator("cpu").m
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gesso.config import ConfigError, build, call_keys, peek, presets, to_yaml, user_layers
 from gesso.plugins import PluginHost, get_host
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,16 +125,25 @@ def load_pipeline(config: DictConfig, host: PluginHost, attachments: Mapping[str
 
 
 def apply_optimizations(pipeline: Any, config: DictConfig, host: PluginHost, device: Any) -> None:
-    names: list[str] = []
-    known_presets = presets(host.registry)
-    for name in config.optimizations:
-        names += known_presets.get(name, [name])
-    specs = sorted({n: host.registry.optimizations[n] for n in names}.values(), key=lambda s: s.order)
+    """Apply the configured optimizations in their registered order.
+
+    A name given explicitly must support the device and family (else a ConfigError says why); a
+    preset (``fast``) means "what of it applies here", so its unsupported members are skipped.
+    """
     family = host.registry.families[config.family]
-    for spec in specs:
+    known_presets = presets(host.registry)
+    chosen: dict[str, bool] = {}  # name -> named explicitly
+    for name in config.optimizations:
+        for member in known_presets.get(name, [name]):
+            chosen[member] = chosen.get(member, False) or name not in known_presets
+    for name in sorted(chosen, key=lambda n: host.registry.optimizations[n].order):
+        spec = host.registry.optimizations[name]
         reason = spec.supports(family.name, device.type)
-        if reason:
+        if reason and chosen[name]:
             raise ConfigError(f"optimizations: {reason}")
+        if reason:
+            logger.info("preset member %s skipped: %s", name, reason)
+            continue
         spec.load_apply()(pipeline, family.execution_policy)
 
 

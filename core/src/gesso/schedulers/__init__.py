@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gesso.scheduler_names import SHORT_NAMES
+
 from .base import LCMSchedulerOutput, SchedulerMixin, SchedulerOutput, randn_tensor
 from .ddim import DDIMScheduler, LCMScheduler, PNDMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
@@ -37,33 +39,6 @@ BUILTIN_SCHEDULERS: tuple[type[SchedulerMixin], ...] = (
     LCMScheduler,
     UnCLIPScheduler,
 )
-
-_NOT_KARRAS = {"use_karras_sigmas": False}
-
-SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", dict(_NOT_KARRAS)),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", dict(_NOT_KARRAS)),
-    "lms": ("LMSDiscreteScheduler", dict(_NOT_KARRAS)),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, **_NOT_KARRAS}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "dpmpp_2m_sde_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, **_NOT_KARRAS}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "kdpm2": ("KDPM2DiscreteScheduler", dict(_NOT_KARRAS)),
-    "kdpm2_a": ("KDPM2AncestralDiscreteScheduler", dict(_NOT_KARRAS)),
-}
 
 
 def scheduler_from_name(name: str, base_config: Mapping[str, Any], registry: Mapping[str, type] | None = None) -> SchedulerMixin:
