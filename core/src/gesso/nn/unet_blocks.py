@@ -165,15 +165,26 @@ class DownBlock2D(nn.Module):
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            _resnet_from_spec(spec, spec.in_channels if i == 0 else spec.out_channels, spec.out_channels) for i in range(spec.num_layers)
+            self._resnet(spec, spec.in_channels if i == 0 else spec.out_channels, spec.out_channels) for i in range(spec.num_layers)
         )
         self.attentions = self._attentions(spec)
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(spec.out_channels, use_conv=True, padding=spec.downsample_padding)]) if spec.add_resample else None
-        )
+        self.downsamplers = nn.ModuleList([self._downsampler(spec)]) if spec.add_resample else None
+
+    # Hooks for blocks of other families (Kandinsky's resnet-resampling blocks override them).
+    def _resnet(self, spec: BlockSpec, in_channels: int, out_channels: int) -> nn.Module:
+        return _resnet_from_spec(spec, in_channels, out_channels)
+
+    def _downsampler(self, spec: BlockSpec) -> nn.Module:
+        return Downsample2D(spec.out_channels, use_conv=True, padding=spec.downsample_padding)
 
     def _attentions(self, spec: BlockSpec) -> nn.ModuleList | None:
         return None
+
+    def _attend(self, index: int, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: Any, context_mask: Any) -> torch.Tensor:
+        return self.attentions[index](hidden_states, context, mask, context_mask)
+
+    def _downsample(self, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        return self.downsamplers[0](hidden_states)
 
     def forward(
         self,
@@ -188,10 +199,10 @@ class DownBlock2D(nn.Module):
         for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+                hidden_states = self._attend(i, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
             skips.append(hidden_states)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            hidden_states = self._downsample(hidden_states, temb)
             skips.append(hidden_states)
         return hidden_states, tuple(skips)
 
@@ -216,13 +227,26 @@ class UpBlock2D(nn.Module):
         for i in range(spec.num_layers):
             skip_channels = spec.in_channels if i == spec.num_layers - 1 else spec.out_channels
             incoming = spec.prev_output_channel if i == 0 else spec.out_channels
-            resnets.append(_resnet_from_spec(spec, incoming + skip_channels, spec.out_channels))
+            resnets.append(self._resnet(spec, incoming + skip_channels, spec.out_channels))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = self._attentions(spec)
-        self.upsamplers = nn.ModuleList([Upsample2D(spec.out_channels, use_conv=True)]) if spec.add_resample else None
+        self.upsamplers = nn.ModuleList([self._upsampler(spec)]) if spec.add_resample else None
+
+    # Hooks for blocks of other families (Kandinsky's resnet-resampling blocks override them).
+    def _resnet(self, spec: BlockSpec, in_channels: int, out_channels: int) -> nn.Module:
+        return _resnet_from_spec(spec, in_channels, out_channels)
+
+    def _upsampler(self, spec: BlockSpec) -> nn.Module:
+        return Upsample2D(spec.out_channels, use_conv=True)
 
     def _attentions(self, spec: BlockSpec) -> nn.ModuleList | None:
         return None
+
+    def _attend(self, index: int, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: Any, context_mask: Any) -> torch.Tensor:
+        return self.attentions[index](hidden_states, context, mask, context_mask)
+
+    def _upsample(self, hidden_states: torch.Tensor, temb: torch.Tensor | None, upsample_size: Any) -> torch.Tensor:
+        return self.upsamplers[0](hidden_states, upsample_size)
 
     def forward(
         self,
@@ -239,9 +263,9 @@ class UpBlock2D(nn.Module):
         for i, resnet in enumerate(self.resnets):
             hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
             if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+                hidden_states = self._attend(i, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+            hidden_states = self._upsample(hidden_states, temb, upsample_size)
         return hidden_states
 
 

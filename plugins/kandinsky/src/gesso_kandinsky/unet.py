@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from gesso.nn import Attention, BlockSpec, ResnetBlock2D, register_addition_embedding, register_block, register_encoder_hid_projection
+from gesso.nn import (
+    Attention,
+    BlockSpec,
+    DownBlock2D,
+    ResnetBlock2D,
+    UpBlock2D,
+    register_addition_embedding,
+    register_block,
+    register_encoder_hid_projection,
+)
 from torch import nn
 
 
@@ -167,43 +176,25 @@ def _attention(spec: BlockSpec, channels: int) -> AddedKVAttention:
     )
 
 
-class ResnetDownsampleBlock2D(nn.Module):
+class _ResnetResampling:
+    """What Kandinsky's blocks change in the core blocks: resnets with the family's settings,
+    resampling by a resnet that also sees the time embedding, and added-KV attention with masks."""
+
+    def _resnet(self, spec: BlockSpec, in_channels: int, out_channels: int) -> nn.Module:
+        return _resnet(spec, in_channels, out_channels)
+
+    def _attend(self, index: int, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: Any, context_mask: Any) -> torch.Tensor:
+        return self.attentions[index](hidden_states, context, _mask(mask, context_mask, context))  # type: ignore[attr-defined]
+
+
+class ResnetDownsampleBlock2D(_ResnetResampling, DownBlock2D):
     """Resnets, then (except at the bottom) a resnet that average-pools by 2; every output is a skip."""
 
-    has_cross_attention = False
+    def _downsampler(self, spec: BlockSpec) -> nn.Module:
+        return _resnet(spec, spec.out_channels, spec.out_channels, down=True)
 
-    def __init__(self, spec: BlockSpec) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            _resnet(spec, spec.in_channels if i == 0 else spec.out_channels, spec.out_channels) for i in range(spec.num_layers)
-        )
-        self.attentions = self._attentions(spec)
-        self.downsamplers = nn.ModuleList([_resnet(spec, spec.out_channels, spec.out_channels, down=True)]) if spec.add_resample else None
-
-    def _attentions(self, spec: BlockSpec) -> nn.ModuleList | None:
-        return None
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        temb: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(hidden_states, temb)
-            if self.attentions is not None:
-                hidden_states = self.attentions[i](
-                    hidden_states, encoder_hidden_states, _mask(attention_mask, encoder_attention_mask, encoder_hidden_states)
-                )
-            skips.append(hidden_states)
-        if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states, temb)
-            skips.append(hidden_states)
-        return hidden_states, tuple(skips)
+    def _downsample(self, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        return self.downsamplers[0](hidden_states, temb)
 
 
 class SimpleCrossAttnDownBlock2D(ResnetDownsampleBlock2D):
@@ -215,46 +206,14 @@ class SimpleCrossAttnDownBlock2D(ResnetDownsampleBlock2D):
         return nn.ModuleList(_attention(spec, spec.out_channels) for _ in range(spec.num_layers))
 
 
-class ResnetUpsampleBlock2D(nn.Module):
+class ResnetUpsampleBlock2D(_ResnetResampling, UpBlock2D):
     """Resnets over the hidden states concatenated with one skip each, then a resnet that upsamples by 2."""
 
-    has_cross_attention = False
+    def _upsampler(self, spec: BlockSpec) -> nn.Module:
+        return _resnet(spec, spec.out_channels, spec.out_channels, up=True)
 
-    def __init__(self, spec: BlockSpec) -> None:
-        super().__init__()
-        resnets = []
-        for i in range(spec.num_layers):
-            skip_channels = spec.in_channels if i == spec.num_layers - 1 else spec.out_channels
-            incoming = spec.prev_output_channel if i == 0 else spec.out_channels
-            resnets.append(_resnet(spec, incoming + skip_channels, spec.out_channels))
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = self._attentions(spec)
-        self.upsamplers = nn.ModuleList([_resnet(spec, spec.out_channels, spec.out_channels, up=True)]) if spec.add_resample else None
-
-    def _attentions(self, spec: BlockSpec) -> nn.ModuleList | None:
-        return None
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        res_hidden_states_tuple: tuple[torch.Tensor, ...],
-        temb: torch.Tensor | None = None,
-        upsample_size: Any = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        skips = list(res_hidden_states_tuple)
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                hidden_states = self.attentions[i](
-                    hidden_states, encoder_hidden_states, _mask(attention_mask, encoder_attention_mask, encoder_hidden_states)
-                )
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, temb)
-        return hidden_states
+    def _upsample(self, hidden_states: torch.Tensor, temb: torch.Tensor | None, upsample_size: Any) -> torch.Tensor:
+        return self.upsamplers[0](hidden_states, temb)
 
 
 class SimpleCrossAttnUpBlock2D(ResnetUpsampleBlock2D):
