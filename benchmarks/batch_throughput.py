@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["local"])
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/gesso-batch"))
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-batch")
     args = parser.parse_args()
     folder = write_family("sd15", args.scratch / "sd15")
     prompts = [f"a watercolor of a lighthouse, variation {i}" for i in range(args.items)]

@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["sd15"], choices=sorted(SIZES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/gesso-bench"))
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-bench")
     parser.add_argument("--components", nargs="*", default=[], choices=COMPONENTS, help="denoiser-only timings")
     parser.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
     parser.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if "max-autotune" not in v], help="UNet variants to time")

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--model", help="an existing checkpoint (one family) instead of a written full-size one")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/gesso-scaling"))
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-scaling")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     import torch
