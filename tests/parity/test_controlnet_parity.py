@@ -14,17 +14,11 @@ import pytest
 import torch
 from gesso import AutoPipelineForText2Image, ControlNetModel
 
+from tests.parity.helpers import generate
 from tests.parity.reference_checkpoints import write_reference_sd15
 from tests.parity.reference_controlnet import pose_image, write_reference_controlnet
 
 ATOL = 1e-3  # per pixel on [0, 1]
-
-
-def generate(pipeline, **kwargs):
-    seed = kwargs.pop("seed", 0)
-    return pipeline(
-        generator=torch.Generator().manual_seed(seed), num_inference_steps=kwargs.pop("num_inference_steps", 4), output_type="np", **kwargs
-    )
 
 
 def assert_same(ours, reference, **kwargs):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from gesso import AutoPipelineForText2Image
 
+from tests.parity.helpers import generate
 from tests.parity.reference_sdxl import write_reference_sdxl
 
 ATOL = 1e-3  # per pixel on [0, 1]
@@ -32,18 +33,6 @@ def pipelines(checkpoint):
     reference.set_progress_bar_config(disable=True)
     ours = AutoPipelineForText2Image.from_pretrained(checkpoint)
     return reference, ours
-
-
-def generate(pipeline, **kwargs):
-    seed = kwargs.pop("seed", 0)
-    generator = (
-        [torch.Generator().manual_seed(seed + i) for i in range(kwargs.pop("generators"))]
-        if "generators" in kwargs
-        else torch.Generator().manual_seed(seed)
-    )
-    return pipeline(
-        generator=generator, num_inference_steps=kwargs.pop("num_inference_steps", 4), output_type=kwargs.pop("output_type", "np"), **kwargs
-    )
 
 
 def assert_same(actual, expected):

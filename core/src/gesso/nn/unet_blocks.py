@@ -286,8 +286,18 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
         channels = spec.in_channels
-        self.resnets = nn.ModuleList(_resnet_from_spec(spec, channels, channels) for _ in range(spec.num_layers + 1))
-        self.attentions = _transformers(spec, channels)
+        self.resnets = nn.ModuleList(self._resnet(spec, channels, channels) for _ in range(spec.num_layers + 1))
+        self.attentions = self._attentions(spec)
+
+    # Hooks for blocks of other families (Kandinsky's added-KV middle block overrides them).
+    def _resnet(self, spec: BlockSpec, in_channels: int, out_channels: int) -> nn.Module:
+        return _resnet_from_spec(spec, in_channels, out_channels)
+
+    def _attentions(self, spec: BlockSpec) -> nn.ModuleList:
+        return _transformers(spec, spec.in_channels)
+
+    def _attend(self, index: int, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: Any, context_mask: Any) -> torch.Tensor:
+        return self.attentions[index](hidden_states, context, mask, context_mask)
 
     def forward(
         self,
@@ -299,8 +309,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
-        for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attention(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+        for i, resnet in enumerate(self.resnets[1:]):
+            hidden_states = self._attend(i, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
 

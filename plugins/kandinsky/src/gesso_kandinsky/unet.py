@@ -25,6 +25,7 @@ from gesso.nn import (
     BlockSpec,
     DownBlock2D,
     ResnetBlock2D,
+    UNetMidBlock2DCrossAttn,
     UpBlock2D,
     register_addition_embedding,
     register_block,
@@ -225,32 +226,14 @@ class SimpleCrossAttnUpBlock2D(ResnetUpsampleBlock2D):
         return nn.ModuleList(_attention(spec, spec.out_channels) for _ in range(spec.num_layers))
 
 
-class UNetMidBlock2DSimpleCrossAttn(nn.Module):
+class UNetMidBlock2DSimpleCrossAttn(_ResnetResampling, UNetMidBlock2DCrossAttn):
     """Resnet, then (added-KV attention, resnet) pairs at the lowest resolution."""
 
-    has_cross_attention = True
+    def _resnet(self, spec: BlockSpec, in_channels: int, out_channels: int) -> nn.Module:
+        return _resnet(spec, in_channels, out_channels, scale=spec.output_scale_factor)
 
-    def __init__(self, spec: BlockSpec) -> None:
-        super().__init__()
-        channels = spec.in_channels
-        scale = spec.output_scale_factor
-        self.resnets = nn.ModuleList(_resnet(spec, channels, channels, scale=scale) for _ in range(spec.num_layers + 1))
-        self.attentions = nn.ModuleList(_attention(spec, channels) for _ in range(spec.num_layers))
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        temb: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        mask = _mask(attention_mask, encoder_attention_mask, encoder_hidden_states)
-        hidden_states = self.resnets[0](hidden_states, temb)
-        for attention, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = resnet(attention(hidden_states, encoder_hidden_states, mask), temb)
-        return hidden_states
+    def _attentions(self, spec: BlockSpec) -> nn.ModuleList:
+        return nn.ModuleList(_attention(spec, spec.in_channels) for _ in range(spec.num_layers))
 
 
 def _mask(
