@@ -20,15 +20,10 @@ import torch  # noqa: E402
 
 def main() -> None:
     from gesso import AutoPipelineForText2Image
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     pipeline = AutoPipelineForText2Image.from_pretrained(sys.argv[1], torch_dtype=torch.float16).to("cuda")
-    registry = get_host().registry
-    policy = registry.families[pipeline.family].execution_policy
-    from gesso.optimize import PRESETS
-
-    for spec in sorted((registry.optimizations[n] for n in PRESETS["fast"]), key=lambda s: s.order):
-        spec.load_apply()(pipeline, policy)
+    optimize(pipeline, ["fast"])
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
     pipeline("an astronaut in a jungle", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
     torch.cuda.synchronize()

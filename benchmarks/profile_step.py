@@ -34,14 +34,12 @@ def category(name: str) -> str:
 
 def main() -> None:
     from gesso import AutoPipelineForText2Image
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
     from torch.profiler import ProfilerActivity, profile
 
     folder, names = sys.argv[1], sys.argv[2:]
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
-    registry = get_host().registry
-    for spec in sorted((registry.optimizations[n] for n in names), key=lambda s: s.order):
-        spec.load_apply()(pipeline, registry.families[pipeline.family].execution_policy)
+    optimize(pipeline, names)
     sample = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
     hidden = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
     t = torch.tensor(500.0, device="cuda")

@@ -80,16 +80,13 @@ def free() -> None:
 
 def load_gesso(folder: Path, optimizations: list[str]) -> tuple[Any, float]:
     from gesso import AutoPipelineForText2Image
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     start = time.perf_counter()
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
-    registry = get_host().registry
-    policy = registry.families[pipeline.family].execution_policy
-    for spec in sorted((registry.optimizations[n] for n in optimizations), key=lambda s: s.order):
-        spec.load_apply()(pipeline, policy)
+    optimize(pipeline, optimizations)
     return pipeline, load_s
 
 
@@ -277,14 +274,12 @@ def bench_component(name: str) -> dict[str, Any]:
     from types import SimpleNamespace
 
     from gesso.contract import ExecutionPolicy
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     holder = SimpleNamespace(**our_modules, conditioners=[])
     policy = ExecutionPolicy(hot_loop=tuple(our_modules))
-    registry = get_host().registry
-    for label, names in (("eager", []), ("fast", ["fuse_qkv", "channels_last", "compile", "cuda_graph"])):
-        for spec_ in sorted((registry.optimizations[n] for n in names), key=lambda s: s.order):
-            spec_.load_apply()(holder, policy)
+    for label, names in (("eager", []), ("fast", ["fast"])):
+        optimize(holder, names, device="cuda", family="kandinsky" if name == "kandinsky22" else "sd15", policy=policy)
         start = time.perf_counter()
         our_step()
         torch.cuda.synchronize()

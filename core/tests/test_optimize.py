@@ -8,6 +8,7 @@ import torch
 from gesso import AutoPipelineForText2Image
 from gesso.config import ConfigError
 from gesso.plugins import get_host
+from gesso.runner import optimize
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,7 @@ def images(pipeline, seed=0):
 
 def optimized(folder, *names):
     pipeline = AutoPipelineForText2Image.from_pretrained(folder)
-    registry = get_host().registry
-    for name in names:
-        registry.optimizations[name].load_apply()(pipeline, registry.families["sd15"].execution_policy)
+    optimize(pipeline, names)
     return pipeline
 
 

@@ -26,13 +26,10 @@ def sd15_folder(tmp_path_factory):
 
 def final_latents(folder, dtype, optimizations=(), steps=8, seed=0):
     from gesso import AutoPipelineForText2Image
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype).to("cuda")
-    registry = get_host().registry
-    policy = registry.families[pipeline.family].execution_policy
-    for spec in sorted((registry.optimizations[n] for n in optimizations), key=lambda s: s.order):
-        spec.load_apply()(pipeline, policy)
+    optimize(pipeline, optimizations)
     # The same starting noise for every dtype (noise drawn in float16 differs from float32 noise).
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator("cpu").manual_seed(seed))
     latents = pipeline("a photo of a cat", num_inference_steps=steps, output_type="latent", latents=noise.to(dtype)).images
@@ -61,12 +58,10 @@ def test_full_size_float16_image_is_close_to_float32(sd15_folder, float32_refere
 def denoiser_output(folder, dtype, optimizations=()):
     """One UNet call on fixed inputs (float32 noise and embeddings cast to ``dtype``)."""
     from gesso import AutoPipelineForText2Image
-    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype).to("cuda")
-    registry = get_host().registry
-    for spec in sorted((registry.optimizations[n] for n in optimizations), key=lambda s: s.order):
-        spec.load_apply()(pipeline, registry.families["sd15"].execution_policy)
+    optimize(pipeline, optimizations)
     generator = torch.Generator("cpu").manual_seed(1)
     sample = torch.randn(2, 4, 64, 64, generator=generator).to("cuda", dtype)
     hidden = torch.randn(2, 77, 768, generator=generator).to("cuda", dtype)

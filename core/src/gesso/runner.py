@@ -125,26 +125,45 @@ def load_pipeline(config: DictConfig, host: PluginHost, attachments: Mapping[str
 
 
 def apply_optimizations(pipeline: Any, config: DictConfig, host: PluginHost, device: Any) -> None:
-    """Apply the configured optimizations in their registered order.
+    """The run config's ``optimizations`` (see :func:`optimize`)."""
+    optimize(pipeline, list(config.optimizations), host=host, device=device, family=config.family)
+
+
+def optimize(
+    pipeline: Any,
+    names: Sequence[str],
+    *,
+    host: PluginHost | None = None,
+    device: Any = None,
+    family: str | None = None,
+    policy: Any = None,
+) -> None:
+    """Apply optimizations and presets by name, in their registered order, as a run config does.
 
     A name given explicitly must support the device and family (else a ConfigError says why); a
     preset (``fast``) means "what of it applies here", so its unsupported members are skipped.
+    ``device`` and ``family`` default to the pipeline's, ``policy`` to the family's execution policy.
     """
-    family = host.registry.families[config.family]
+    import torch
+
+    host = host or get_host()
+    family_spec = host.registry.families[family or pipeline.family]
+    policy = policy or family_spec.execution_policy
+    device_type = torch.device(device if device is not None else pipeline.device).type
     known_presets = presets(host.registry)
     chosen: dict[str, bool] = {}  # name -> named explicitly
-    for name in config.optimizations:
+    for name in names:
         for member in known_presets.get(name, [name]):
             chosen[member] = chosen.get(member, False) or name not in known_presets
     for name in sorted(chosen, key=lambda n: host.registry.optimizations[n].order):
         spec = host.registry.optimizations[name]
-        reason = spec.supports(family.name, device.type)
+        reason = spec.supports(family_spec.name, device_type)
         if reason and chosen[name]:
             raise ConfigError(f"optimizations: {reason}")
         if reason:
             logger.info("preset member %s skipped: %s", name, reason)
             continue
-        spec.load_apply()(pipeline, family.execution_policy)
+        spec.load_apply()(pipeline, policy)
 
 
 def call_arguments(config: DictConfig, host: PluginHost) -> dict[str, Any]:
