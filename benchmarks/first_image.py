@@ -22,7 +22,7 @@ def main() -> None:
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
 
-    pipeline = AutoPipelineForText2Image.from_pretrained(sys.argv[1], torch_dtype=torch.float16).to("cuda")
+    pipeline = AutoPipelineForText2Image.from_pretrained(sys.argv[1], torch_dtype=torch.float16, device_map="cuda")
     optimize(pipeline, ["fast"])
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
     pipeline("an astronaut in a jungle", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))

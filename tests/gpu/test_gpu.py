@@ -129,3 +129,23 @@ def test_offload_keeps_one_component_on_the_gpu_and_gives_the_same_latents(sd15_
     expected = on_gpu("a cat", num_inference_steps=4, output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
     assert peak < torch.cuda.max_memory_allocated()
     torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkeypatch):
+    """``device_map="cuda"`` locks each weight file's mapping, copies every tensor unchanged, unlocks."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.device_transfer import CudaRuntime, cuda_runtime
+
+    assert cuda_runtime() is not None, "the CUDA runtime torch loaded was not found"
+    calls = {"lock": [], "unlock": []}
+    real_lock, real_unlock = CudaRuntime.lock, CudaRuntime.unlock
+    monkeypatch.setattr(CudaRuntime, "lock", lambda self, p, n: calls["lock"].append(real_lock(self, p, n) and n) or calls["lock"][-1])
+    monkeypatch.setattr(CudaRuntime, "unlock", lambda self, p: calls["unlock"].append(p) or real_unlock(self, p))
+    moved = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16).to("cuda")
+    placed = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda")
+    unet_file = sd15_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet_file.stat().st_size in calls["lock"]  # the UNet's whole file, locked once and copied by DMA
+    assert len(calls["unlock"]) == len([n for n in calls["lock"] if n])
+    for (name, module), (_, other) in zip(moved.modules(), placed.modules(), strict=True):
+        for (key, tensor), (_, copy) in zip(module.state_dict().items(), other.state_dict().items(), strict=True):
+            assert copy.is_cuda and torch.equal(copy, tensor), f"{name}.{key}"

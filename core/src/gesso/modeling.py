@@ -39,28 +39,31 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        device_map: str | torch.device | None = None,
         **hub_options: Any,
     ) -> M:
         """Load from a local folder or a Hub repository in the reference layout.
 
-        ``hub_options`` are ``cache_dir``, ``revision``, ``local_files_only`` and ``token``.
+        ``device_map`` (a device such as ``"cuda"``) places the weights there straight from the
+        files, faster than loading to the CPU and moving the model. ``hub_options`` are
+        ``cache_dir``, ``revision``, ``local_files_only`` and ``token``.
         """
         from gesso.loading import resolve_component_folder
 
         folder = resolve_component_folder(pretrained_model_name_or_path, subfolder, variant=variant, **hub_options)
         config = cls.load_config(folder)
         files = find_weight_files(folder, cls.weights_base_name, variant, use_safetensors)
-        return cls.from_config_and_files(config, files, torch_dtype=torch_dtype)
+        return cls.from_config_and_files(config, files, torch_dtype=torch_dtype, device=device_from_map(device_map))
 
     @classmethod
-    def from_config_and_files(cls: type[M], config: dict[str, Any], files: list[Path], torch_dtype: torch.dtype | None = None) -> M:
+    def from_config_and_files(
+        cls: type[M], config: dict[str, Any], files: list[Path], torch_dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> M:
         with torch.device("meta"):
             model = cls.from_config(config)
-        state = read_state_dict(files)
+        state = read_state_dict(files, device or "cpu", float_dtype=torch_dtype or torch.float32)
         source = str(files[0]) if len(files) == 1 else f"{files[0].parent} (sharded)"
         check_state_dict(model, state, source)
-        dtype = torch_dtype or torch.float32
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
@@ -80,6 +83,17 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         folder = Path(save_directory)
         self.save_config(folder)
         save_state_dict(self.state_dict(), folder, self.weights_base_name, variant, parse_size(max_shard_size))
+
+
+def device_from_map(device_map: str | torch.device | None) -> torch.device | None:
+    """The one device a ``device_map`` names; gesso places whole components, so the reference's
+    placement strategies (``"balanced"``, ``"auto"``) are refused by name."""
+    if device_map is None:
+        return None
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not supported: pass one device, such as 'cuda' or 'cuda:1'") from None
 
 
 def parse_size(size: int | str) -> int:

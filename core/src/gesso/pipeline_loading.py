@@ -6,6 +6,7 @@ the class that loads it (gesso's own models, transformers' text encoders and tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -119,12 +120,19 @@ class DiffusionPipeline:
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        device_map: str | torch.device | None = None,
         **kwargs: Any,
     ) -> P:
-        """Load every component named in ``model_index.json``; keyword components replace them."""
+        """Load every component named in ``model_index.json``; keyword components replace them.
+
+        ``device_map`` (one device, such as ``"cuda"``) loads the components onto it, gesso's models
+        straight from their files: faster than ``from_pretrained(...).to("cuda")``.
+        """
         hub = {k: kwargs.pop(k) for k in _HUB_OPTIONS if k in kwargs}
         folder = resolve_pipeline(pretrained_model_name_or_path, variant=variant, use_safetensors=use_safetensors, **hub)
-        return cls.from_folder(folder, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, **kwargs)
+        return cls.from_folder(
+            folder, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, device_map=device_map, **kwargs
+        )
 
     @classmethod
     def from_folder(
@@ -134,10 +142,13 @@ class DiffusionPipeline:
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        device_map: str | torch.device | None = None,
         **overrides: Any,
     ) -> P:
+        from gesso.modeling import device_from_map
         from gesso.plugins import get_host
 
+        device = device_from_map(device_map)
         index = read_model_index(folder)
         registry = get_host().registry
         components: dict[str, Any] = {}
@@ -149,7 +160,7 @@ class DiffusionPipeline:
             if library is None or class_name is None:
                 components[name] = None
                 continue
-            components[name] = load_component(registry, folder, name, library, class_name, torch_dtype, variant, use_safetensors)
+            components[name] = load_component(registry, folder, name, library, class_name, torch_dtype, variant, use_safetensors, device)
         unknown = [k for k in overrides if k not in cls.expected_components + cls.optional_components]
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained() got an unexpected keyword argument {unknown[0]!r}")
@@ -202,8 +213,9 @@ def load_component(
     torch_dtype: torch.dtype | None,
     variant: str | None,
     use_safetensors: bool | None,
+    device: torch.device | None = None,
 ) -> Any:
-    """Load sub-folder ``name`` with the class registered for ``(library, class_name)``."""
+    """Load sub-folder ``name`` with the class registered for ``(library, class_name)`` (modules onto ``device``)."""
     component = registry.components.get((library, class_name))
     if component is None:
         component = next((c for c in registry.components.values() if c.class_name == class_name), None)
@@ -220,18 +232,20 @@ def load_component(
     if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
         return cls.from_pretrained(path)
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-        return _load_module(cls, path, torch_dtype, variant, use_safetensors)
+        return _load_module(cls, path, torch_dtype, variant, use_safetensors, device)
     return cls.from_pretrained(path)
 
 
-def _load_module(cls: type, path: Path, torch_dtype: torch.dtype | None, variant: str | None, use_safetensors: bool | None) -> Any:
+def _load_module(
+    cls: type, path: Path, torch_dtype: torch.dtype | None, variant: str | None, use_safetensors: bool | None, device: torch.device | None
+) -> Any:
     from gesso.modeling import ModelMixin
 
     if variant and not any(f".{variant}." in p.name or f".{variant}-" in p.name for p in path.iterdir()):
         logger.info("%s has no %s weights; loading the default ones", path, variant)
         variant = None
     if issubclass(cls, ModelMixin):
-        return cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
+        return cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, device_map=device)
     # transformers models: they take ``dtype`` (newer) or ``torch_dtype`` (older releases).
     options: dict[str, Any] = {"variant": variant}
     if use_safetensors is not None:
@@ -239,9 +253,39 @@ def _load_module(cls: type, path: Path, torch_dtype: torch.dtype | None, variant
     dtype_key = "dtype" if "dtype" in _parameters(cls.from_pretrained) or _transformers_takes_dtype() else "torch_dtype"
     options[dtype_key] = torch_dtype or torch.float32
     try:
-        return cls.from_pretrained(path, **options)
+        module = cls.from_pretrained(path, **options)
     except (OSError, ValueError) as err:
         raise ComponentLoadError(f"{path}: cannot load {cls.__name__} ({str(err).splitlines()[0]})") from None
+    return place_on_device(module, path, variant, device) if device is not None else module
+
+
+def place_on_device(module: torch.nn.Module, path: Path, variant: str | None, device: torch.device) -> torch.nn.Module:
+    """Move a module that another library loaded on the CPU onto ``device``, its weights copied
+    there straight from its safetensors files where :func:`assign_weights_from_files` can."""
+    from gesso.weights import WeightsError, find_weight_files
+
+    if device.type != "cpu" and all(t.device.type == "cpu" for t in module.state_dict().values()):
+        with contextlib.suppress(WeightsError):  # no safetensors files: the plain path
+            assign_weights_from_files(module, find_weight_files(path, "model", variant, use_safetensors=True), device)
+    return module.to(device)  # the rest: non-persistent buffers, or everything if the files did not fit
+
+
+def assign_weights_from_files(module: torch.nn.Module, files: list[Path], device: torch.device) -> bool:
+    """Replace ``module``'s weights with copies on ``device`` read from ``files``, if the files hold
+    every tensor of its state dict in the same shapes (extra tensors, such as a stale
+    ``position_ids``, are ignored) and no two entries share memory (tied weights stay tied only
+    through ``.to``). Returns whether it did."""
+    from gesso.weights import read_state_dict
+
+    expected = module.state_dict()
+    storages = {t.untyped_storage().data_ptr() for t in expected.values() if t.numel()}
+    if len(storages) < len([t for t in expected.values() if t.numel()]):
+        return False
+    loaded = read_state_dict(files, device)
+    if any(key not in loaded or loaded[key].shape != tensor.shape for key, tensor in expected.items()):
+        return False
+    module.load_state_dict({key: loaded[key].to(tensor.dtype) for key, tensor in expected.items()}, strict=True, assign=True)
+    return True
 
 
 def _transformers_takes_dtype() -> bool:

@@ -115,9 +115,9 @@ def load_pipeline(config: DictConfig, host: PluginHost, attachments: Mapping[str
         loader = getattr(spec.load_factory(), "load_argument", None)
         prepared[name] = loader(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, dtype) if loader else value
     pipeline = AutoPipelineForText2Image.from_pretrained(
-        config.model, family=config.family, torch_dtype=dtype, variant=config.variant, **prepared
+        config.model, family=config.family, torch_dtype=dtype, variant=config.variant, device_map=device, **prepared
     )
-    pipeline.to(device)
+    pipeline.to(device)  # the attached conditioners
     if config.scheduler:
         pipeline.scheduler = host.registry.make_scheduler(config.scheduler, pipeline.scheduler.config)
     apply_optimizations(pipeline, config, host, device)

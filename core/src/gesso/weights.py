@@ -8,8 +8,10 @@ safetensors exist, and only through ``torch.load(weights_only=True)``, which can
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,22 +72,109 @@ def _shards_from_index(index: Path) -> list[Path]:
     return shards
 
 
-def read_state_dict(files: Iterable[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read and merge the tensors of one or more weight files."""
+def read_state_dict(
+    files: Iterable[Path], device: str | torch.device = "cpu", float_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Read and merge the tensors of one or more weight files, onto ``device``, floating-point
+    tensors cast to ``float_dtype`` (each as it arrives, so a float32 file loaded as float16 never
+    needs room for both copies on the device).
+
+    Safetensors files go to a device other than the CPU straight from the file
+    (:func:`load_safetensors_to_device`).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    target = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
-            if path.suffix == ".safetensors":
-                part = load_file(str(path), device=str(device))
+            if path.suffix != ".safetensors":
+                part = torch.load(path, map_location=target, weights_only=True)
+            elif target.type == "cpu":
+                part = load_file(str(path))
             else:
-                part = torch.load(path, map_location=device, weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+                part = load_safetensors_to_device(path, target, float_dtype)
+        except WeightsError:
+            raise
+        except OSError as err:
+            raise WeightsError(f"{path}: cannot read weights ({err.strerror or err})") from None
+        except (SafetensorError, RuntimeError, EOFError, ValueError) as err:  # what a damaged file makes the readers say
+            if isinstance(err, torch.OutOfMemoryError) or (path.suffix == ".safetensors" and target.type != "cpu"):
+                raise  # not the file's fault
             raise WeightsError(f"{path}: cannot read weights ({str(err).splitlines()[0]}); the file may be truncated") from None
-        state.update(part)
+        state.update({k: _cast(v, float_dtype) for k, v in part.items()})
     return state
+
+
+def _cast(tensor: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(float_dtype) if float_dtype is not None and tensor.is_floating_point() else tensor
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset at which its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_bytes <= min(size - 8, _MAX_HEADER_BYTES):
+            raise WeightsError(f"{path}: cannot read weights (no valid safetensors header); the file may be truncated")
+        try:
+            header = json.loads(file.read(header_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise WeightsError(f"{path}: cannot read weights (header is not JSON: {err})") from None
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + header_bytes
+
+
+def load_safetensors_to_device(path: Path, device: torch.device, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file copied onto ``device`` straight from a read-only mapping
+    of the file, page-locked for the copies where the CUDA runtime allows (see
+    :mod:`gesso.device_transfer`): one DMA per tensor instead of staged pageable copies."""
+    from gesso.device_transfer import read_only_file_view
+
+    header, data_start = _read_header(path)
+    state = {}
+    with read_only_file_view(path, device) as raw:
+        for name, entry in header.items():
+            tensor = _tensor_view(raw, data_start, name, entry, path)
+            dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
+            state[name] = tensor.to(device, dtype, non_blocking=device.type == "cuda", copy=True)
+    return state
+
+
+def _tensor_view(raw: torch.Tensor, data_start: int, name: str, entry: dict[str, Any], path: Path) -> torch.Tensor:
+    try:
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = [int(n) for n in entry["shape"]]
+        begin, end = (data_start + int(offset) for offset in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: tensor {name!r} has an unreadable header entry {entry!r}") from None
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if end > raw.numel() or not data_start <= begin <= end:
+        raise WeightsError(f"{path}: tensor {name!r} runs past the end of the file; the file may be truncated")
+    if end - begin != math.prod(shape) * itemsize:
+        raise WeightsError(f"{path}: tensor {name!r} holds {end - begin} bytes, but its shape {shape} needs {math.prod(shape) * itemsize}")
+    data = raw[begin:end]
+    if begin % itemsize:  # a view must start at a multiple of the element size
+        data = data.clone()
+    return data.view(dtype).view(shape)
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -491,6 +491,7 @@ class KandinskyV22CombinedPipeline(KandinskyV22Pipeline):
         torch_dtype: torch.dtype | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        device_map: str | torch.device | None = None,
         prior: Any = None,
         _hub_options: dict[str, Any] | None = None,
         **overrides: Any,
@@ -504,7 +505,7 @@ class KandinskyV22CombinedPipeline(KandinskyV22Pipeline):
             if not isinstance(prior, DiffusionPipeline):
                 hub = dict(_hub_options) if _hub_options else hub_options_of(folder)
                 prior = KandinskyV22PriorPipeline.from_pretrained(
-                    prior, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, **hub
+                    prior, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, device_map=device_map, **hub
                 )
             for name, component in prior.components.items():
                 overrides.setdefault(f"prior_{name}", component)
@@ -512,7 +513,9 @@ class KandinskyV22CombinedPipeline(KandinskyV22Pipeline):
             logger.warning(
                 "%s is a Kandinsky 2.2 decoder without a prior: pass prior=<folder or Hub id> (to from_pretrained or to the call)", folder
             )
-        return super().from_folder(folder, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, **overrides)
+        return super().from_folder(
+            folder, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, device_map=device_map, **overrides
+        )
 
     @classmethod
     def pipeline_class_name(cls) -> str:
