@@ -53,8 +53,9 @@ def test_copies_own_their_memory(weights_file):
         (lambda data: data[:-20], "tensor '\\w+' runs past the end of the file; the file may be truncated"),
         (lambda data: data[:6], "no valid safetensors header"),
         (lambda data: data[:8] + b"{not json" + data[17:], "header is not JSON"),
+        (lambda data: (2).to_bytes(8, "little") + b"[]", "the header is not a JSON object"),
     ],
-    ids=["truncated-data", "truncated-header", "corrupt-header"],
+    ids=["truncated-data", "truncated-header", "corrupt-header", "header-not-an-object"],
 )
 def test_damaged_files_are_refused_naming_the_file(weights_file, damage, message):
     weights_file.write_bytes(damage(weights_file.read_bytes()))

@@ -140,6 +140,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(file.read(header_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise WeightsError(f"{path}: cannot read weights (header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: cannot read weights (the header is not a JSON object)")
     return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + header_bytes
 
 
