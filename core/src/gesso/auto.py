@@ -44,6 +44,13 @@ class AutoPipelineForText2Image:
         pipeline.name_or_path = str(pretrained_model_name_or_path)
         for spec, value in attachments.values():
             pipeline.conditioners.append(spec.load_factory()(value, pipeline))
+        if kwargs.get("device_map") is not None:  # a ControlNet passed in goes where the pipeline was loaded
+            from gesso.modeling import device_from_map
+
+            device = device_from_map(kwargs["device_map"])
+            for conditioner in pipeline.conditioners:
+                for module in conditioner.modules().values():
+                    module.to(device)
         return pipeline
 
 

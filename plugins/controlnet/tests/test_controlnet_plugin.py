@@ -127,6 +127,15 @@ def test_attaching_sets_pipeline_controlnet_and_moves_with_the_pipeline(files):
         AutoPipelineForText2Image.from_pretrained(files["base"], controlnet="not a model")
 
 
+def test_device_map_places_a_passed_controlnet_with_the_pipeline(files, monkeypatch):
+    net = ControlNetModel.from_pretrained(files["nets"][0])
+    moves = []
+    move = net.to
+    monkeypatch.setattr(net, "to", lambda *args, **kwargs: moves.append(args) or move(*args, **kwargs))
+    AutoPipelineForText2Image.from_pretrained(files["base"], controlnet=net, device_map="cpu")
+    assert moves == [(torch.device("cpu"),)]
+
+
 def test_residuals_reach_the_unet(files):
     """Scale 0 equals a run without the net; scale 1 differs: the residuals are really added."""
     net = ControlNetModel.from_pretrained(files["nets"][0])
