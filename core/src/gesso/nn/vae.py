@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,10 +13,10 @@ from gesso.nn.resnet import NormFactory
 from gesso.nn.unet_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 
 
-def _check_block_types(key: str, types: Sequence[str], expected: str) -> None:
-    unknown = sorted({t for t in types if t != expected})
+def _check_block_types(key: str, types: Sequence[str], known: Mapping[str, type]) -> None:
+    unknown = sorted({t for t in types if t not in known})
     if unknown:
-        raise ValueError(f"{key}: unsupported block type(s) {unknown}; this autoencoder builds only {expected!r}")
+        raise ValueError(f"{key}: unsupported block type(s) {unknown}; this autoencoder builds {sorted(known)}")
 
 
 class Encoder(nn.Module):
@@ -23,6 +24,9 @@ class Encoder(nn.Module):
 
     With ``double_z`` the output has ``2 * out_channels`` channels: the mean and log-variance.
     """
+
+    #: The stage classes by the name a config gives them; a subclass adds its own (MoVQ's attention stages).
+    down_block_classes: ClassVar[dict[str, type[nn.Module]]] = {"DownEncoderBlock2D": DownEncoderBlock2D}
 
     def __init__(
         self,
@@ -37,19 +41,19 @@ class Encoder(nn.Module):
         mid_block_add_attention: bool = True,
     ) -> None:
         super().__init__()
-        _check_block_types("down_block_types", down_block_types, "DownEncoderBlock2D")
+        _check_block_types("down_block_types", down_block_types, self.down_block_classes)
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(
+            self.down_block_classes[kind](
                 block_out_channels[max(i - 1, 0)],
-                channels,
+                block_out_channels[i],
                 num_layers=layers_per_block,
                 resnet_act_fn=act_fn,
                 resnet_groups=norm_num_groups,
                 add_downsample=i < len(block_out_channels) - 1,
                 downsample_padding=0,
             )
-            for i, channels in enumerate(block_out_channels)
+            for i, kind in enumerate(down_block_types)
         )
         top = block_out_channels[-1]
         self.mid_block = UNetMidBlock2D(
@@ -74,6 +78,9 @@ class Decoder(nn.Module):
     ``latent_embeds``, which is how MoVQ's decoder conditions on the quantized latent.
     """
 
+    #: The stage classes by the name a config gives them; a subclass adds its own (MoVQ's attention stages).
+    up_block_classes: ClassVar[dict[str, type[nn.Module]]] = {"UpDecoderBlock2D": UpDecoderBlock2D}
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -88,7 +95,7 @@ class Decoder(nn.Module):
         temb_channels: int | None = None,
     ) -> None:
         super().__init__()
-        _check_block_types("up_block_types", up_block_types, "UpDecoderBlock2D")
+        _check_block_types("up_block_types", up_block_types, self.up_block_classes)
         top = block_out_channels[-1]
         self.conv_in = nn.Conv2d(in_channels, top, kernel_size=3, padding=1)
         self.mid_block = UNetMidBlock2D(
@@ -102,9 +109,9 @@ class Decoder(nn.Module):
         )
         reversed_channels = list(reversed(block_out_channels))
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock2D(
+            self.up_block_classes[kind](
                 reversed_channels[max(i - 1, 0)],
-                channels,
+                reversed_channels[i],
                 num_layers=layers_per_block + 1,
                 resnet_act_fn=act_fn,
                 resnet_groups=norm_num_groups,
@@ -112,7 +119,7 @@ class Decoder(nn.Module):
                 temb_channels=temb_channels,
                 norm_factory=norm_factory,
             )
-            for i, channels in enumerate(reversed_channels)
+            for i, kind in enumerate(up_block_types)
         )
         self.conditional_norm = norm_factory is not None
         self.conv_norm_out = (

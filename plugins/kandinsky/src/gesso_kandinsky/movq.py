@@ -21,9 +21,6 @@ from gesso.modeling import ModelMixin
 from gesso.nn import Attention, Decoder, DownEncoderBlock2D, Encoder, NormFactory, UpDecoderBlock2D
 from torch import nn
 
-_ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
-_DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
-
 
 class SpatialNorm(nn.Module):
     """GroupNorm of the features, scaled and shifted per pixel by 1x1 convs of the (resized) latent."""
@@ -56,7 +53,15 @@ class AttnDownEncoderBlock2D(DownEncoderBlock2D):
     """An encoder stage with a single-head self-attention after each resnet."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, num_layers: int, resnet_act_fn: str, resnet_groups: int, add_downsample: bool
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        resnet_act_fn: str,
+        resnet_groups: int,
+        add_downsample: bool,
+        downsample_padding: int = 0,
     ) -> None:
         super().__init__(
             in_channels,
@@ -65,7 +70,7 @@ class AttnDownEncoderBlock2D(DownEncoderBlock2D):
             resnet_act_fn=resnet_act_fn,
             resnet_groups=resnet_groups,
             add_downsample=add_downsample,
-            downsample_padding=0,
+            downsample_padding=downsample_padding,
         )
         self.attentions = nn.ModuleList(_single_head_attention(out_channels, resnet_groups) for _ in range(num_layers))
 
@@ -112,87 +117,16 @@ class AttnUpDecoderBlock2D(UpDecoderBlock2D):
         return hidden_states
 
 
-def _check(key: str, types: Sequence[str], known: tuple[str, ...]) -> None:
-    unknown = sorted({t for t in types if t not in known})
-    if unknown:
-        raise ValueError(f"{key}: unsupported block type(s) {unknown}; VQModel builds {list(known)}")
-
-
 class MoVQEncoder(Encoder):
     """The core encoder, with attention stages where the config asks for ``AttnDownEncoderBlock2D``."""
 
-    def __init__(
-        self,
-        *,
-        down_block_types: Sequence[str],
-        block_out_channels: Sequence[int],
-        layers_per_block: int,
-        norm_num_groups: int,
-        act_fn: str,
-        **options: object,
-    ) -> None:
-        _check("down_block_types", down_block_types, _ENCODER_BLOCKS)
-        plain = ["DownEncoderBlock2D"] * len(down_block_types)
-        super().__init__(
-            down_block_types=plain,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            act_fn=act_fn,
-            **options,
-        )  # type: ignore[arg-type]
-        for i, kind in enumerate(down_block_types):
-            if kind == "AttnDownEncoderBlock2D":
-                self.down_blocks[i] = AttnDownEncoderBlock2D(
-                    block_out_channels[max(i - 1, 0)],
-                    block_out_channels[i],
-                    num_layers=layers_per_block,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    add_downsample=i < len(block_out_channels) - 1,
-                )
+    down_block_classes = {**Encoder.down_block_classes, "AttnDownEncoderBlock2D": AttnDownEncoderBlock2D}
 
 
 class MoVQDecoder(Decoder):
     """The core decoder, with attention stages where the config asks for ``AttnUpDecoderBlock2D``."""
 
-    def __init__(
-        self,
-        *,
-        up_block_types: Sequence[str],
-        block_out_channels: Sequence[int],
-        layers_per_block: int,
-        norm_num_groups: int,
-        act_fn: str,
-        norm_factory: NormFactory | None,
-        temb_channels: int | None,
-        **options: object,
-    ) -> None:
-        _check("up_block_types", up_block_types, _DECODER_BLOCKS)
-        plain = ["UpDecoderBlock2D"] * len(up_block_types)
-        super().__init__(
-            up_block_types=plain,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            act_fn=act_fn,
-            norm_factory=norm_factory,
-            temb_channels=temb_channels,
-            **options,  # type: ignore[arg-type]
-        )
-        reversed_channels = list(reversed(block_out_channels))
-        for i, kind in enumerate(up_block_types):
-            if kind == "AttnUpDecoderBlock2D":
-                self.up_blocks[i] = AttnUpDecoderBlock2D(
-                    reversed_channels[max(i - 1, 0)],
-                    reversed_channels[i],
-                    num_layers=layers_per_block + 1,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    temb_channels=temb_channels,
-                    norm_factory=norm_factory,
-                )
+    up_block_classes = {**Decoder.up_block_classes, "AttnUpDecoderBlock2D": AttnUpDecoderBlock2D}
 
 
 class VectorQuantizer(nn.Module):
