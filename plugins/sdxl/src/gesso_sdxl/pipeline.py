@@ -26,6 +26,8 @@ from gesso.loading import read_model_index
 from gesso.pipeline import Conditioning, PipelineOutput, Text2ImagePipeline
 from gesso.text_encoding import negative_prompts, prompt_batch, repeat_per_image, tokenize
 
+from gesso_sdxl.plugin import CONFIG_KEYS
+
 
 class StableDiffusionXLPipeline(Text2ImagePipeline):
     family = "sdxl"
@@ -35,17 +37,9 @@ class StableDiffusionXLPipeline(Text2ImagePipeline):
     default_num_inference_steps: ClassVar[int] = 50
     default_guidance_scale: ClassVar[float] = 5.0
     extra_call_parameters: ClassVar[dict[str, Any]] = {
-        "prompt_2": None,
-        "negative_prompt_2": None,
+        **{key: default for key, default in CONFIG_KEYS.items() if key != "guidance_rescale"},  # the core call takes that one
         "pooled_prompt_embeds": None,
         "negative_pooled_prompt_embeds": None,
-        "denoising_end": None,
-        "original_size": None,
-        "crops_coords_top_left": (0, 0),
-        "target_size": None,
-        "negative_original_size": None,
-        "negative_crops_coords_top_left": (0, 0),
-        "negative_target_size": None,
     }
     callback_tensor_inputs: ClassVar[tuple[str, ...]] = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
     callback_added_cond_names: ClassVar[dict[str, str]] = {"text_embeds": "add_text_embeds", "time_ids": "add_time_ids"}
