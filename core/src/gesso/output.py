@@ -6,6 +6,7 @@ read, and ``gesso``, the resolved run config as YAML, which ``gesso run --from``
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -83,33 +84,52 @@ def a1111_parameters(values: Mapping[str, Any], scheduler: str, batch_size: int 
     return "\n".join(lines)
 
 
-def write_png(image: Image.Image, path: str | Path, text_chunks: Mapping[str, str]) -> Path:
-    """Write ``image`` to ``path`` via a temporary file and a rename: never a truncated PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    for key, value in text_chunks.items():
-        info.add_itxt(key, value)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (where the platform lets a folder be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - folders cannot be opened on some platforms
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(handle)
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    """Temporary file, flush, fsync, rename, fsync of the folder: the file is whole or absent."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name.removesuffix('.png')}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=info)
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def write_png(image: Image.Image, path: str | Path, text_chunks: Mapping[str, str]) -> Path:
+    """Write ``image`` to ``path`` atomically (:func:`write_atomic`): never a truncated PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text_chunks.items():
+        info.add_itxt(key, value)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=info)
+    write_atomic(encoded.getvalue(), path)
     return path
 
 
 def write_text(text: str, path: str | Path) -> Path:
     """Atomic text write (the resolved config beside the images)."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
+    write_atomic(text.encode("utf-8"), path)
     return path
 
 

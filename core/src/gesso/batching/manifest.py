@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from gesso.config import ConfigError
+from gesso.output import write_atomic
 
 MANIFEST = "manifest.jsonl"
 ERRORS = "errors.jsonl"
@@ -99,34 +99,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_folder(folder: Path) -> None:
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - folders cannot be opened on some platforms
-        return
-    try:
-        os.fsync(handle)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(handle)
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    """Temporary file, flush, fsync, rename, fsync of the folder: the file is whole or absent."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name.removesuffix('.png')}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
 
 
 def append_line(stream: IO[str], record: Mapping[str, Any]) -> None:
