@@ -16,6 +16,18 @@ if TYPE_CHECKING:
 
 TINY_MERGES = ("t h", "th e</w>", "a n", "c a", "o r", "i n")
 
+#: The two-stage KL autoencoder the tiny SD-shaped checkpoints share (families add their own keys).
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+}
+
 
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table)."""

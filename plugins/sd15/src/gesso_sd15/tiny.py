@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gesso.tiny import randomise  # noqa: F401 - re-exported: tests import it from here
+from gesso.tiny import TINY_VAE_CONFIG, randomise  # noqa: F401 - randomise re-exported: tests import it from here
 
 #: Small configs with every structural feature of the full-size SD1.5 models.
 UNET_CONFIG: dict[str, Any] = {
@@ -21,16 +21,7 @@ UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
-VAE_CONFIG: dict[str, Any] = {
-    "block_out_channels": [32, 64],
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-}
+VAE_CONFIG: dict[str, Any] = dict(TINY_VAE_CONFIG)
 SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gesso.tiny import TINY_VAE_CONFIG
 
 #: Small configs with every structural feature of the full-size SDXL base models: two text
 #: encoders whose widths add up to the cross-attention width (32 + 32), the "text_time" added
@@ -31,18 +32,7 @@ UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
     "norm_num_groups": 32,
 }
-VAE_CONFIG: dict[str, Any] = {
-    "block_out_channels": [32, 64],
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-    "scaling_factor": 0.13025,
-    "force_upcast": True,
-}
+VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
 SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
