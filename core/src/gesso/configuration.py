@@ -24,6 +24,28 @@ class ConfigFileError(ValueError):
     """A configuration file is missing or unreadable; the message names the file."""
 
 
+def read_json_object(path: Path, error: type[Exception] = ConfigFileError, required: bool = True) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` if the file is absent and not ``required``.
+
+    Every failure (missing, unreadable, not JSON, not an object) is one ``error`` naming the file.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise error(f"{path}: missing") from None
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot be read ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 class FrozenConfig(dict):
     """A read-only mapping whose keys are also attributes (``unet.config.sample_size``).
 
@@ -144,17 +166,8 @@ class ConfigMixin:
     @classmethod
     def load_config(cls, folder: str | Path, subfolder: str | None = None) -> dict[str, Any]:
         """Read ``config_name`` from a folder; a missing or malformed file is one clear error."""
-        path = Path(folder) / (subfolder or "") / cls.config_name
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigFileError(f"{path}: file not found") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigFileError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(data, dict):
-            raise ConfigFileError(f"{path}: expected a JSON object")
+        data = read_json_object(Path(folder) / (subfolder or "") / cls.config_name)
+        assert data is not None  # required
         return data
 
     def save_config(self, folder: str | Path) -> Path:
