@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,28 @@ def test_clip_skip_uses_the_penultimate_layer(pipelines):
     torch.testing.assert_close(skipped, shallow(ids)[0])
     full, _ = ours.encode_prompt("a cat", torch.device("cpu"), 1, False)
     assert not torch.allclose(skipped, full)
+
+
+def test_our_save_pretrained_loads_in_the_reference(checkpoint, tmp_path):
+    """gesso writes the pipeline (its own CLIP classes and safety checker) in the reference's layout:
+    the reference loads the folder and makes the same images, and reads the checker's thresholds
+    (lowered below every score in a second save: it flags every image, as gesso does)."""
+    import diffusers
+
+    ours = AutoPipelineForText2Image.from_pretrained(checkpoint)
+    kwargs = {"prompt": ["a cat", "a dog"], "num_inference_steps": 2}
+    ours.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"] and index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+    with torch.no_grad():
+        ours.safety_checker.concept_embeds_weights[1] = -1.0
+    ours.save_pretrained(tmp_path / "strict")
+    for folder, flags in (("saved", [False, False]), ("strict", [True, True])):
+        reference = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / folder)
+        reference.set_progress_bar_config(disable=True)
+        expected = generate(reference, **dict(kwargs))
+        actual = generate(ours if folder == "strict" else AutoPipelineForText2Image.from_pretrained(checkpoint), **dict(kwargs))
+        assert actual.nsfw_content_detected == expected.nsfw_content_detected == flags
+        np.testing.assert_allclose(actual.images, expected.images, atol=ATOL, rtol=0)

@@ -16,7 +16,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    """Import the heavy parts (torch, transformers) only when they are first used."""
+    """Import the heavy parts (torch and the models) only when they are first used."""
     if name not in _LAZY:
         raise AttributeError(f"module 'gesso' has no attribute {name!r}")
     from gesso.contract import load_object

@@ -11,17 +11,20 @@ from collections.abc import Callable
 from gesso.contract import Component, OptimizationSpec, Scheduler
 from gesso.hookspecs import hookimpl
 
-#: ``model_index.json`` pairs served by transformers itself.
-TRANSFORMERS_CLASSES = (
-    "CLIPTextModel",
-    "CLIPTextModelWithProjection",
-    "CLIPVisionModelWithProjection",
-    "CLIPTokenizer",
-    "CLIPTokenizerFast",
-    "CLIPImageProcessor",
-    "CLIPImageProcessorFast",
-    "CLIPImageProcessorPil",
-)
+#: ``("transformers", name)`` pairs of ``model_index.json`` -> gesso's own class (``gesso.clip``): the
+#: same files and outputs, without importing transformers (seconds per process). Other transformers
+#: classes load only where a plugin registers them.
+TRANSFORMERS_CLASSES = {
+    "CLIPTextModel": "CLIPTextModel",
+    "CLIPTextModelWithProjection": "CLIPTextModelWithProjection",
+    "CLIPVisionModel": "CLIPVisionModel",
+    "CLIPVisionModelWithProjection": "CLIPVisionModelWithProjection",
+    "CLIPTokenizer": "CLIPTokenizer",
+    "CLIPTokenizerFast": "CLIPTokenizer",
+    "CLIPImageProcessor": "CLIPImageProcessor",
+    "CLIPImageProcessorFast": "CLIPImageProcessor",
+    "CLIPImageProcessorPil": "CLIPImageProcessor",
+}
 
 SCHEDULER_CLASSES = (
     "PNDMScheduler",
@@ -46,8 +49,8 @@ SCHEDULER_CLASSES = (
 def register_components(register: Callable[[Component], None]) -> None:
     register(Component("diffusers", "UNet2DConditionModel", "gesso.nn:UNet2DConditionModel"))
     register(Component("diffusers", "AutoencoderKL", "gesso.nn:AutoencoderKL"))
-    for name in TRANSFORMERS_CLASSES:
-        register(Component("transformers", name, f"transformers:{name}"))
+    for name, ours in TRANSFORMERS_CLASSES.items():
+        register(Component("transformers", name, f"gesso.clip:{ours}"))
     for name in SCHEDULER_CLASSES:
         register(Component("diffusers", name, f"gesso.schedulers:{name}"))
 

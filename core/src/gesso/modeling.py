@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -13,15 +13,18 @@ from gesso.weights import WeightsError, check_state_dict, find_weight_files, rea
 M = TypeVar("M", bound="ModelMixin")
 
 
-class ModelMixin(torch.nn.Module, ConfigMixin):
-    """A ``torch.nn.Module`` built from a config, with the reference's ``from_pretrained`` layout.
+class PretrainedModule(torch.nn.Module):
+    """A module that loads itself by gesso's rules; pipelines load such classes directly.
 
-    Models are constructed on the meta device and the weights are then assigned in place, so
-    loading spends no time on random initialisation and holds one copy of the weights.
+    Subclasses provide ``from_pretrained(folder, torch_dtype=..., variant=..., use_safetensors=...,
+    device_map=...)``: floating-point weights cast to ``torch_dtype`` (float32 when None) and read
+    straight onto ``device_map``'s device. A pipeline passes exactly these options; modules of other
+    libraries are loaded on the CPU by their own loader and moved afterwards, which is slower.
     """
 
-    config_name = "config.json"
-    weights_base_name = "diffusion_pytorch_model"
+    #: The ``library`` that ``model_index.json`` names for this class when a pipeline is saved: the
+    #: one the reference loads the class from, so the reference reads the pipelines gesso writes.
+    model_index_library: ClassVar[str] = "diffusers"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -30,6 +33,17 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+class ModelMixin(PretrainedModule, ConfigMixin):
+    """A ``torch.nn.Module`` built from a config, with the reference's ``from_pretrained`` layout.
+
+    Models are constructed on the meta device and the weights are then assigned in place, so
+    loading spends no time on random initialisation and holds one copy of the weights.
+    """
+
+    config_name = "config.json"
+    weights_base_name = "diffusion_pytorch_model"
 
     @classmethod
     def from_pretrained(

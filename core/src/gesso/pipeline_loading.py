@@ -1,7 +1,8 @@
 """``DiffusionPipeline``: a set of named components loaded from a folder in the reference layout.
 
 ``model_index.json`` names each component's ``[library, ClassName]``; the registry maps that pair to
-the class that loads it (gesso's own models, transformers' text encoders and tokenizers, schedulers).
+the class that loads it: gesso's own models (the UNet, the VAE, the CLIP encoders, tokenizer and
+image processor of ``gesso.clip``), schedulers, or another library's class a plugin registers.
 """
 
 from __future__ import annotations
@@ -199,9 +200,16 @@ def _parameters(function: Any) -> set[str]:
 
 
 def library_of(value: Any) -> str:
-    """The ``library`` a component is saved under: the reference's names, so its loader reads ours."""
-    module = type(value).__module__.split(".")[0]
-    return "transformers" if module == "transformers" else "diffusers"
+    """The ``library`` a component is saved under: the reference's names, so its loader reads ours.
+
+    A class may declare it as ``model_index_library`` (gesso's CLIP classes say ``"transformers"``,
+    the SD safety checker ``"stable_diffusion"``); otherwise transformers' own objects (passed in by
+    a user) are ``"transformers"`` and everything else ``"diffusers"``.
+    """
+    declared = getattr(type(value), "model_index_library", None)
+    if isinstance(declared, str):
+        return declared
+    return "transformers" if type(value).__module__.split(".")[0] == "transformers" else "diffusers"
 
 
 def load_component(
@@ -239,12 +247,14 @@ def load_component(
 def _load_module(
     cls: type, path: Path, torch_dtype: torch.dtype | None, variant: str | None, use_safetensors: bool | None, device: torch.device | None
 ) -> Any:
-    from gesso.modeling import ModelMixin
+    """gesso's own modules read their weights straight onto ``device``; another library's (a
+    transformers model a plugin registers) are loaded on the CPU by that library, then placed."""
+    from gesso.modeling import PretrainedModule
 
     if variant and not any(f".{variant}." in p.name or f".{variant}-" in p.name for p in path.iterdir()):
         logger.info("%s has no %s weights; loading the default ones", path, variant)
         variant = None
-    if issubclass(cls, ModelMixin):
+    if issubclass(cls, PretrainedModule):
         return cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors, device_map=device)
     # transformers models: they take ``dtype`` (newer) or ``torch_dtype`` (older releases).
     options: dict[str, Any] = {"variant": variant}

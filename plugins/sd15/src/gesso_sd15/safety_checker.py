@@ -1,19 +1,59 @@
 """The Stable Diffusion safety checker: CLIP image embeddings scored against concept embeddings.
 
-Weights and config are the published ``safety_checker`` folder's (a transformers ``CLIPConfig``).
+Config and weights are the published ``safety_checker`` folder's: ``config.json`` is a full
+transformers ``CLIPConfig`` (the checker uses its vision tower and top-level ``projection_dim``), and
+the tensors are ``vision_model.vision_model.*`` (the tower), ``visual_projection.weight``, the concept
+embeddings and their thresholds. The checker is built on gesso's CLIP vision tower, so loading it
+imports no transformers; the reference's class loads the files it saves, and the other way round.
+
 Scores are rounded to three decimals before the threshold test, as the published checker does, so
 borderline images are flagged identically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPVisionModel, PreTrainedModel
+from gesso.clip.models import CLIPPreTrainedModel, CLIPVisionConfig, CLIPVisionModel
 
 logger = logging.getLogger("gesso")
+
+#: ``config.json`` keys that describe the file rather than the model; ``save_pretrained`` writes them afresh.
+_FILE_KEYS = frozenset({"model_type", "architectures", "dtype", "torch_dtype", "_name_or_path"})
+#: transformers' ``CLIPConfig`` default, for a config without ``projection_dim``.
+_DEFAULT_PROJECTION_DIM = 512
+
+
+class SafetyCheckerConfig:
+    """The checker's ``config.json``, a full ``CLIPConfig``: every key is kept and written back.
+
+    ``vision_config`` is the vision tower's settings (``vision_config`` section, transformers'
+    defaults for what it omits); ``projection_dim`` the width of the image embeddings compared with
+    the concepts (the top-level key, not the tower's own ``projection_dim``).
+    """
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = {key: value for key, value in data.items() if key not in _FILE_KEYS}
+        self.vision_config = CLIPVisionConfig.from_dict({**self._data, "model_type": "clip"})
+        self.projection_dim = int(self._data.get("projection_dim", _DEFAULT_PROJECTION_DIM))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SafetyCheckerConfig:
+        return cls(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "clip", **self._data}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SafetyCheckerConfig) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"SafetyCheckerConfig {json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)}"
 
 
 def _cosine(embeds: torch.Tensor, concepts: torch.Tensor) -> np.ndarray:
@@ -22,24 +62,43 @@ def _cosine(embeds: torch.Tensor, concepts: torch.Tensor) -> np.ndarray:
     return (a @ b.T).cpu().float().numpy()
 
 
-class StableDiffusionSafetyChecker(PreTrainedModel):
-    config_class = CLIPConfig
-    main_input_name = "clip_input"
-    _no_split_modules = ["CLIPEncoderLayer"]
+class StableDiffusionSafetyChecker(CLIPPreTrainedModel):
+    """``from_pretrained(folder, torch_dtype=..., variant=..., use_safetensors=..., device_map=...)``
+    and ``save_pretrained`` as gesso's CLIP models; ``forward(clip_input, images)`` as the reference's."""
 
-    def __init__(self, config: CLIPConfig) -> None:
+    config_class = SafetyCheckerConfig
+    tower = "vision_model"
+    #: The pipeline folder the reference keeps the class in; it loads ``["stable_diffusion", ...]``.
+    model_index_library = "stable_diffusion"
+
+    def __init__(self, config: SafetyCheckerConfig | Mapping[str, Any] | Any) -> None:
+        """``config``: a :class:`SafetyCheckerConfig`, the ``config.json`` mapping, or a transformers ``CLIPConfig``."""
         super().__init__(config)
-        self.vision_model = CLIPVisionModel(config.vision_config)
-        self.visual_projection = torch.nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        vision, width = self.config.vision_config, self.config.projection_dim
+        self.vision_model = CLIPVisionModel(vision)
+        self.visual_projection = torch.nn.Linear(vision.hidden_size, width, bias=False)
         frozen = {"requires_grad": False}
-        self.concept_embeds = torch.nn.Parameter(torch.ones(17, config.projection_dim), **frozen)
-        self.special_care_embeds = torch.nn.Parameter(torch.ones(3, config.projection_dim), **frozen)
+        self.concept_embeds = torch.nn.Parameter(torch.ones(17, width), **frozen)
+        self.special_care_embeds = torch.nn.Parameter(torch.ones(3, width), **frozen)
         self.concept_embeds_weights = torch.nn.Parameter(torch.ones(17), **frozen)
         self.special_care_embeds_weights = torch.nn.Parameter(torch.ones(3), **frozen)
-        self.post_init()
 
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """Weights always come from the checkpoint; nothing to initialise."""
+    def _own_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A file's tensors under this model's names.
+
+        Published files (and transformers 4) hold the tower as ``vision_model.vision_model.*``;
+        transformers 5 writes it as ``vision_model.*``, without the inner prefix, which is put back.
+        Stale ``position_ids`` buffers of older files are dropped.
+        """
+        inner = f"{self.tower}.{self.tower}."
+        own: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            if key.endswith(".position_ids"):
+                continue
+            if key.startswith(f"{self.tower}.") and not key.startswith(inner):
+                key = f"{self.tower}.{key}"
+            own[key] = tensor
+        return own
 
     def flagged(self, clip_input: torch.Tensor) -> list[bool]:
         """Which images show a concept; special-care concepts lower every later threshold by 0.01."""
