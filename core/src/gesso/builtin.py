@@ -81,6 +81,13 @@ OPTIMIZATIONS = (
         ("cuda", "cpu"),
         60,
     ),
+    (
+        "compile_aot",
+        "gesso.optimize.aot:compile_aot",
+        "each hot-loop module compiled ahead of time into an AOTInductor package, which later processes load without the compiler",
+        ("cpu",),  # CUDA packages crash torch 2.11's loader in a new process (benchmarks/NOTES.md)
+        60,
+    ),
     ("compile_full", "gesso.optimize.compile:compile_full", "torch.compile of each hot-loop module as one graph", ("cuda", "cpu"), 61),
     ("compile_vae", "gesso.optimize.compile:compile_vae", "torch.compile of the VAE decoder's blocks", ("cuda", "cpu"), 62),
     ("cuda_graph", "gesso.optimize.cuda_graph:cuda_graph", "replay the denoiser call from a captured CUDA graph", ("cuda",), 80),
