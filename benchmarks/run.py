@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +113,9 @@ def attention_kernels(unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return sorted(n[:90] for n in names)
 
 
-def end_to_end(pipeline: Any, family: str, repeat: int = 3) -> tuple[float, float]:
+def end_to_end(pipeline: Any, family: str, repeat: int = 3, **extra: Any) -> tuple[float, float]:
     """Warm seconds for one image (text encoding + steps + decode) and peak GiB."""
-    kwargs = {"prompt": "an astronaut in a jungle, cold color palette", "num_inference_steps": STEPS[family], "output_type": "pil"}
+    kwargs = {"prompt": "an astronaut in a jungle, cold color palette", "num_inference_steps": STEPS[family], "output_type": "pil", **extra}
     pipeline.set_progress_bar_config(disable=True)
     pipeline(**kwargs, generator=torch.Generator("cpu").manual_seed(0))  # warm-up (and capture)
     torch.cuda.synchronize()
@@ -128,7 +130,9 @@ def end_to_end(pipeline: Any, family: str, repeat: int = 3) -> tuple[float, floa
 
 
 @torch.no_grad()
-def bench_family(family: str, root: Path, variants: list[str], end_to_end_variants: list[str], cold_start: bool = False) -> dict[str, Any]:
+def bench_family(
+    family: str, root: Path, variants: list[str], end_to_end_variants: list[str], cold_start: list[str] | None = None
+) -> dict[str, Any]:
     folder = write_family(family, root / family)
     free()
     result: dict[str, Any] = {
@@ -160,6 +164,7 @@ def bench_family(family: str, root: Path, variants: list[str], end_to_end_varian
         try:
             measure_variant(result, folder, family, name, optimizations, end_to_end_variants)
         except Exception as err:  # one broken variant must not lose the others' numbers
+            traceback.print_exc()
             result.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
         finally:
             for key, value in saved.items():
@@ -169,22 +174,37 @@ def bench_family(family: str, root: Path, variants: list[str], end_to_end_varian
     _, result["load_s"]["gesso"] = load_gesso(folder, [])
     free()
     if cold_start:
-        result["first_image_s"] = first_image_times(folder, root / "inductor-cache")
+        result["first_image_s"] = first_image_times(folder, root / "compile-caches", STEPS[family], cold_start)
     return result
 
 
-def first_image_times(folder: Path, cache: Path) -> dict[str, float]:
-    """New process to first image with ``fast``: empty compile cache, then the cache it left."""
+#: Start-up variants timed by ``--cold-start``: label -> optimizations.
+START_UP = {"fast": ["fast"]}
+
+
+def first_image_times(folder: Path, caches: Path, steps: int, labels: list[str]) -> dict[str, Any]:
+    """New process to first image: with empty compile caches, then with the caches it left."""
     import shutil
     import subprocess
 
-    shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     script = Path(__file__).resolve().parent / "first_image.py"
-    times = {}
-    for label in ("empty cache", "warm cache"):
-        out = subprocess.run([sys.executable, str(script), str(folder)], env=env, capture_output=True, text=True, check=True).stdout
-        times[label] = json.loads(out.strip().splitlines()[-1])["first_image_s"]
+    times: dict[str, Any] = {}
+    for label in labels:
+        optimizations = START_UP[label]
+        cache = caches / label.replace(", ", "-").replace(" ", "-")
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        for state in ("empty cache", "warm cache"):
+            command = [sys.executable, "-X", "faulthandler", str(script), str(folder), str(steps), *optimizations]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"first image, {label}, {state} failed ({done.returncode}):\n{done.stderr[-3000:]}", flush=True)
+                break
+            times[f"{label}, {state}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            for line in done.stderr.splitlines():
+                if line.startswith(("compiled ", "loaded ")):
+                    print(f"  {line}", flush=True)
+            print(f"first image, {label}, {state}: {times[f'{label}, {state}']}", flush=True)
     return times
 
 
@@ -291,9 +311,53 @@ def bench_component(name: str) -> dict[str, Any]:
     return result
 
 
+@torch.no_grad()
+def bench_controlnet_end_to_end(root: Path) -> dict[str, Any]:
+    """SD1.5 + one ControlNet, 50 steps, one 512x512 image: the reference eager against gesso
+    ``fast`` + ``compile_vae``, both loading the same folders through their normal paths."""
+    import diffusers
+    from checkpoints import _clean, fill_random
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+    from gesso_controlnet.model import ControlNetModel
+    from PIL import Image
+
+    folder, net_folder = write_family("sd15", root / "sd15"), root / "controlnet_sd15"
+    with torch.device("cuda"):
+        net = diffusers.ControlNetModel(**_clean(architectures()["controlnet_sd15"]["controlnet"]))
+    fill_random(net, 7)
+    net.half().save_pretrained(net_folder)
+    net = None
+    free()
+    control = Image.fromarray((torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    result: dict[str, Any] = {"family": "sd15 + ControlNet", "size": 512, "steps": STEPS["sd15"], "e2e_s": {}, "peak_gib": {}}
+
+    ref_net = diffusers.ControlNetModel.from_pretrained(net_folder, torch_dtype=torch.float16)
+    reference = diffusers.StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ref_net, torch_dtype=torch.float16).to(
+        "cuda"
+    )
+    result["e2e_s"]["reference eager"], result["peak_gib"]["reference eager"] = end_to_end(reference, "sd15", image=control)
+    reference = ref_net = None
+    free()
+
+    our_net = ControlNetModel.from_pretrained(net_folder, torch_dtype=torch.float16, device_map="cuda")
+    ours = AutoPipelineForText2Image.from_pretrained(folder, controlnet=our_net, torch_dtype=torch.float16, device_map="cuda")
+    optimize(ours, ["fast", "compile_vae"])
+    result["e2e_s"]["gesso fast + compiled VAE"], result["peak_gib"]["gesso fast + compiled VAE"] = end_to_end(ours, "sd15", image=control)
+    for name, seconds in result["e2e_s"].items():
+        print(f"[sd15 + ControlNet] {name}: {seconds:.3f} s end to end, peak {result['peak_gib'][name]:.2f} GiB", flush=True)
+    return result
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
+        if "unet_ms" not in r:  # an end-to-end-only entry
+            ref_e2e = r["e2e_s"]["reference eager"]
+            lines.append(f"\n{r['family']} {r['size']}x{r['size']}, float16, end to end, {r['steps']} steps, warm:")
+            for name, seconds in r["e2e_s"].items():
+                lines.append(f"  {name:40s} {seconds:8.3f} s {ref_e2e / seconds:6.2f}x  peak {r['peak_gib'][name]:.2f} GiB")
+            continue
         ref = r["unet_ms"]["reference eager"]
         what = "ControlNet + UNet" if r["family"] == "controlnet_sd15" else "UNet"
         lines.append(f"\n{r['family']} {r['size']}x{r['size']}, float16, {what} step at batch 2 (CFG)")
@@ -308,7 +372,9 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"  {name:40s} {seconds:8.3f} s {ref_e2e / seconds:6.2f}x  peak {r['peak_gib'][name]:.2f} GiB")
         lines.append(f"  warm load to GPU: reference {r['load_s']['reference']:.2f} s, gesso {r['load_s']['gesso']:.2f} s")
         if "first_image_s" in r:
-            lines.append("  new process to first image (fast): " + ", ".join(f"{k} {v:.1f} s" for k, v in r["first_image_s"].items()))
+            lines.append(
+                "  new process to first image: " + ", ".join(f"{k} {v['first_image_s']:.1f} s" for k, v in r["first_image_s"].items())
+            )
         lines.append(f"  attention kernels: gesso {r.get('attention_kernels_gesso')}; reference {r['attention_kernels_reference']}")
         for name, error in r.get("errors", {}).items():
             lines.append(f"  FAILED {name}: {error}")
@@ -323,6 +389,9 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    results = [r for r in results if "unet_ms" in r]
+    if not results:
+        return
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, r in zip(axes[0], results):
         names = list(r["unet_ms"])
@@ -335,13 +404,21 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gesso").setLevel(logging.INFO)  # compile and package-load times
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=["sd15"], choices=sorted(SIZES))
+    parser.add_argument("--families", nargs="*", default=["sd15"], choices=sorted(SIZES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-bench")
     parser.add_argument("--components", nargs="*", default=[], choices=COMPONENTS, help="denoiser-only timings")
-    parser.add_argument("--cold-start", action="store_true", help="also time a new process to its first image")
+    parser.add_argument(
+        "--cold-start",
+        nargs="*",
+        choices=sorted(START_UP),
+        help="also time a new process to its first image (default: every start-up variant)",
+    )
     parser.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if "max-autotune" not in v], help="UNet variants to time")
+    parser.add_argument("--controlnet-e2e", action="store_true", help="also time SD1.5 + ControlNet end to end")
     parser.add_argument("--e2e", nargs="*", default=["eager", "fast", "fast + compiled VAE"], help="variants also timed end to end")
     args = parser.parse_args()
     import diffusers
@@ -359,7 +436,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for family in args.families:  # saved after each family, so a time-out keeps what was measured
-        results.append(bench_family(family, args.scratch, args.variants, args.e2e, args.cold_start))
+        results.append(
+            bench_family(
+                family, args.scratch, args.variants, args.e2e, None if args.cold_start is None else args.cold_start or list(START_UP)
+            )
+        )
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         chart(results, args.out / "unet_step.png")
     for component in args.components:
@@ -377,6 +458,9 @@ def main() -> None:
             )
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         chart(results, args.out / "unet_step.png")
+    if args.controlnet_e2e:
+        results.append(bench_controlnet_end_to_end(args.scratch))
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"{meta['gpu']}, torch {meta['torch']}, diffusers {meta['diffusers']} (reference), {meta['date']}")
     print(table(results))
 
