@@ -26,6 +26,7 @@ from torch import nn
 
 from gesso.configuration import ConfigFileError, ConfigMixin
 from gesso.modeling import PretrainedModule, device_from_map, parse_size
+from gesso.nn.embeddings import embedding, standard_normal
 from gesso.weights import check_state_dict, find_weight_files, read_state_dict, save_state_dict
 
 C = TypeVar("C", bound="_EncoderConfig")
@@ -325,22 +326,6 @@ class CLIPEncoder(nn.Module):
 
 
 # --- the towers ------------------------------------------------------------------------------------
-
-
-def standard_normal(*shape: int) -> torch.Tensor:
-    """Random values, as ``torch.randn``, except on the meta device: there it returns an empty tensor.
-
-    ``from_pretrained`` builds models on the meta device, where ``randn`` and ``normal_`` run through
-    torch's reference implementations, whose first use imports ``torch._dynamo`` and sympy (about two
-    seconds of a new process) to initialise nothing.
-    """
-    values = torch.empty(*shape)
-    return values if values.is_meta else nn.init.normal_(values)
-
-
-def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
-    """``nn.Embedding`` initialised as torch does, by :func:`standard_normal`."""
-    return nn.Embedding(num_embeddings, embedding_dim, _weight=standard_normal(num_embeddings, embedding_dim))
 
 
 class CLIPTextEmbeddings(nn.Module):

@@ -15,6 +15,22 @@ from torch import nn
 from gesso.nn.activations import get_activation
 
 
+def standard_normal(*shape: int) -> torch.Tensor:
+    """Random values, as ``torch.randn``, except on the meta device: there it returns an empty tensor.
+
+    gesso's ``from_pretrained`` builds models on the meta device, where ``randn`` and ``normal_`` run through
+    torch's reference implementations, whose first use imports ``torch._dynamo`` and sympy (about two
+    seconds of a new process) to initialise nothing.
+    """
+    values = torch.empty(*shape)
+    return values if values.is_meta else nn.init.normal_(values)
+
+
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """``nn.Embedding`` initialised as torch does, by :func:`standard_normal`."""
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=standard_normal(num_embeddings, embedding_dim))
+
+
 def timestep_embedding(
     timesteps: torch.Tensor,
     dim: int,

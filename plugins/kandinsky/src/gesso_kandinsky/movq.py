@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
 from gesso.nn import Attention, Decoder, DownEncoderBlock2D, Encoder, NormFactory, UpDecoderBlock2D
+from gesso.nn.embeddings import embedding
 from torch import nn
 
 
@@ -137,7 +138,7 @@ class VectorQuantizer(nn.Module):
         self.num_embeddings = num_embeddings
         self.embed_dim = embed_dim
         self.beta = beta
-        self.embedding = nn.Embedding(num_embeddings, embed_dim)
+        self.embedding = embedding(num_embeddings, embed_dim)  # no random init on the meta device
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[None, None, torch.Tensor]]:
         """``(B, C, H, W)`` -> (quantised, commitment loss, (None, None, codebook indices))."""
