@@ -29,22 +29,12 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in sorted(symbols)]
-
-
 def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
+    from gesso.clip.tokenizer import BYTE_SYMBOLS
+
+    symbols = list(BYTE_SYMBOLS)
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in TINY_MERGES)]:
         vocab.setdefault(token, len(vocab))

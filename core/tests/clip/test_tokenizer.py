@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from gesso.clip.tokenizer import CLIPTokenizer, TokenizerFileError
-from gesso.tiny import _byte_symbols, write_clip_tokenizer
+from gesso.clip.tokenizer import BYTE_SYMBOLS, CLIPTokenizer, TokenizerFileError
+from gesso.tiny import write_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +52,7 @@ WORDS = WORDS_TEXT.split()
 
 
 def write_rich_tokenizer(folder: Path, words: list[str] = WORDS, front: int = 12, **config: object) -> Path:
-    symbols = _byte_symbols()
+    symbols = list(BYTE_SYMBOLS)
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols)]:
         vocab.setdefault(token, len(vocab))

@@ -134,9 +134,10 @@ def _byte_symbols() -> list[str]:
     return symbols
 
 
-_BYTE_SYMBOLS = _byte_symbols()
-_LATIN1_TO_SYMBOL = {b: s for b, s in enumerate(_BYTE_SYMBOLS)}  # for str.translate of latin-1 text
-_SYMBOL_TO_BYTE = {s: b for b, s in enumerate(_BYTE_SYMBOLS)}
+#: ``BYTE_SYMBOLS[b]`` spells byte ``b`` in vocabularies (``gesso.tiny`` writes its test vocabulary with it).
+BYTE_SYMBOLS = _byte_symbols()
+_LATIN1_TO_SYMBOL = {b: s for b, s in enumerate(BYTE_SYMBOLS)}  # for str.translate of latin-1 text
+_SYMBOL_TO_BYTE = {s: b for b, s in enumerate(BYTE_SYMBOLS)}
 
 
 def normalize(text: str) -> str:
