@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 
 from gesso.configuration import read_json_object
+from gesso.output import write_atomic
 
 __all__ = ["BatchFeature", "CLIPImageProcessor", "ImageProcessorConfigError"]
 
@@ -162,7 +163,7 @@ class CLIPImageProcessor:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_atomic((json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"), path)
         return [str(path)]
 
     def __repr__(self) -> str:

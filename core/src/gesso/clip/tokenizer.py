@@ -764,12 +764,17 @@ class CLIPTokenizer:
         """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (its ``added_tokens_decoder``
         records every added token's flags) and ``special_tokens_map.json``, which transformers and
         :meth:`from_pretrained` read back to the same tokenizer."""
+        from gesso.output import write_atomic  # imports PIL: only when saving
+
+        def write(path: Path, text: str) -> None:
+            write_atomic(text.encode("utf-8"), path)
+
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
         config_file, map_file = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
-        vocab_file.write_text(json.dumps(self._vocab, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges), encoding="utf-8")
+        write(vocab_file, json.dumps(self._vocab, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        write(merges_file, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
         config = {
             k: v for k, v in self._config.items() if k not in ("special_tokens_map_file", "tokenizer_file", "name_or_path", "auto_map")
         }
@@ -787,11 +792,11 @@ class CLIPTokenizer:
             config["padding_side"] = self.padding_side
         if self.truncation_side != "right":
             config["truncation_side"] = self.truncation_side
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        write(config_file, json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         special_map: dict[str, Any] = {k: self._added[str(v)].to_json(with_special=False) for k, v in self._named.items() if v is not None}
         if self._extra:
             special_map["additional_special_tokens"] = [str(t) for t in self._extra]  # objects here trip transformers 5
-        map_file.write_text(json.dumps(special_map, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        write(map_file, json.dumps(special_map, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         return tuple(str(p) for p in (config_file, map_file, vocab_file, merges_file))
 
 
