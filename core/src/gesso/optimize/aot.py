@@ -148,8 +148,8 @@ def _load_package(path: Path, device: torch.device) -> tuple[Any, Any, Any]:
 
 def _compile_package(module: torch.nn.Module, names: list[str], leaves: list[Any], spec: Any, flat: list[torch.Tensor], path: Path) -> None:
     """Export the module with its weights as inputs, then compile it into a package at ``path`` in a
-    child process: this process never imports Inductor, and never loads a package into the process
-    that generated it (on the H200 machine that crashed the loader)."""
+    child process: Inductor's code generation and the C++ compiler run there, and their memory and
+    state leave with it. The package appears whole or not at all."""
     import subprocess
     import sys
 
