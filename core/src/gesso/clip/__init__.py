@@ -26,6 +26,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+class Batch(dict):
+    """A processor's outputs by key or by attribute (``batch.input_ids``), as the reference returns
+    them; the tokenizer's ``BatchEncoding`` and the image processor's ``BatchFeature``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _mapped(self, move: Any) -> Any:
+        """A copy with ``move`` applied to every value that has a ``.to`` (tensors; lists stay)."""
+        return type(self)({k: move(v) if hasattr(v, "to") else v for k, v in self.items()})
+
+
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'gesso.clip' has no attribute {name!r}")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from gesso.clip import Batch
 from gesso.configuration import read_json_object
 from gesso.output import write_atomic
 
@@ -59,18 +60,12 @@ class ImageProcessorConfigError(ValueError):
     """``preprocessor_config.json`` is missing or malformed; the message names the file."""
 
 
-class BatchFeature(dict):
+class BatchFeature(Batch):
     """``pixel_values`` by key or attribute, as the reference returns it."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Tensors moved or cast with ``torch.Tensor.to``'s arguments."""
-        return BatchFeature({k: v.to(*args, **kwargs) if hasattr(v, "to") else v for k, v in self.items()})
+        return self._mapped(lambda value: value.to(*args, **kwargs))
 
 
 def size_dict(size: Any, default_to_square: bool, name: str = "size") -> dict[str, int]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gesso.clip import Batch
 from gesso.configuration import read_json_object
 
 __all__ = ["AddedToken", "BatchEncoding", "CLIPTokenizer", "TokenizerFileError"]
@@ -105,18 +106,12 @@ class AddedToken:
         return self.content
 
 
-class BatchEncoding(dict):
+class BatchEncoding(Batch):
     """``input_ids`` (and ``attention_mask``) by key or attribute, as the reference returns them."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def to(self, device: Any) -> BatchEncoding:
         """Tensors moved to ``device`` (lists are left as they are)."""
-        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+        return self._mapped(lambda value: value.to(device))
 
 
 def _byte_symbols() -> list[str]:
