@@ -22,10 +22,6 @@ IMPORTED_TORCH = time.perf_counter()
 
 
 def main() -> None:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("gesso").setLevel(logging.INFO)  # compile and package-load times, on stderr
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import platform
 import statistics
@@ -201,9 +200,6 @@ def first_image_times(folder: Path, caches: Path, steps: int, labels: list[str])
                 print(f"first image, {label}, {state} failed ({done.returncode}):\n{done.stderr[-3000:]}", flush=True)
                 break
             times[f"{label}, {state}"] = json.loads(done.stdout.strip().splitlines()[-1])
-            for line in done.stderr.splitlines():
-                if line.startswith(("compiled ", "loaded ")):
-                    print(f"  {line}", flush=True)
             print(f"first image, {label}, {state}: {times[f'{label}, {state}']}", flush=True)
     return times
 
@@ -404,8 +400,6 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("gesso").setLevel(logging.INFO)  # compile and package-load times
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=["sd15"], choices=sorted(SIZES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
