@@ -5,13 +5,19 @@ synchronisation (on a busy 2-core machine, a hundredfold slowdown was measured);
 tests start inherit the same settings.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if "GESSO_COMPILE_CACHE" not in os.environ:  # compiled blocks go to a session folder, not the user's cache
+    os.environ["GESSO_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="gesso-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["GESSO_COMPILE_CACHE"], True)
 
 import torch  # noqa: E402
 

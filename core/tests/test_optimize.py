@@ -38,13 +38,59 @@ def test_fused_projections_and_channels_last_give_the_same_image(folder):
     assert set(pipeline.unet.state_dict()) == set(AutoPipelineForText2Image.from_pretrained(folder).unet.state_dict())
 
 
-def test_regional_compile_on_cpu_gives_the_same_image(folder, monkeypatch):
+CHILD_LOADS_COMPILED_BLOCKS = """
+import sys, numpy, torch
+from gesso import AutoPipelineForText2Image
+from gesso.optimize.precompiled import PrecompiledForward
+from gesso.runner import optimize
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a block was compiled again instead of loaded")
+
+PrecompiledForward._compile = refuse
+pipeline = AutoPipelineForText2Image.from_pretrained(sys.argv[1])
+optimize(pipeline, ["compile"])
+image = pipeline("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+numpy.save(sys.argv[2], image)
+"""
+
+
+def test_regional_compile_gives_the_same_image_and_a_new_process_loads_the_compiled_blocks(folder, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from gesso.optimize.precompiled import PrecompiledForward
+
     monkeypatch.setenv("GESSO_COMPILE_BACKEND", "aot_eager")  # full graph capture, no code generation (CI time)
+    monkeypatch.setenv("GESSO_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(PrecompiledForward, "_artifacts", {})
+    plain = images(AutoPipelineForText2Image.from_pretrained(folder))
+    pipeline = optimized(folder, "compile")
+    compiled = [m for m in pipeline.unet.modules() if isinstance(m.__dict__.get("forward"), PrecompiledForward)]
+    assert compiled and {type(m).__name__ for m in compiled} <= {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    image = images(pipeline)
+    np.testing.assert_allclose(image, plain, atol=1e-4)
+    artifacts = sorted((tmp_path / "cache").iterdir())
+    assert 0 < len(artifacts) < len(compiled)  # blocks of one class and shape share one compilation
+
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD_LOADS_COMPILED_BLOCKS, str(folder), str(tmp_path / "child.npy")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "child.npy"), image)
+    assert sorted((tmp_path / "cache").iterdir()) == artifacts
+
+
+def test_compile_cache_off_compiles_in_each_process(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("GESSO_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("GESSO_COMPILE_CACHE", "off")
+    monkeypatch.chdir(tmp_path)  # nothing may be written here either
     plain = images(AutoPipelineForText2Image.from_pretrained(folder))
     pipeline = optimized(folder, "compile")
     compiled = [m for m in pipeline.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    assert compiled and {type(m).__name__ for m in compiled} <= {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    assert compiled
     np.testing.assert_allclose(images(pipeline), plain, atol=1e-4)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_offload_runs_components_in_the_family_order(folder):

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from gesso.optimize import artifacts
+
 logger = logging.getLogger("gesso")
 
 #: Bump when the package contents or the key change meaning.
@@ -39,20 +41,7 @@ _OUTPUT_CLASSES: dict[int, str] = {}
 
 def cache_dir() -> Path:
     """``GESSO_AOT_CACHE``, else ``$XDG_CACHE_HOME/gesso/aot`` (``~/.cache/gesso/aot``)."""
-    if os.environ.get("GESSO_AOT_CACHE"):
-        return Path(os.environ["GESSO_AOT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gesso" / "aot"
-
-
-def _tensor_signature(tensor: torch.Tensor) -> list[Any]:
-    return [list(tensor.shape), list(tensor.stride()), str(tensor.dtype), tensor.device.type]
-
-
-def _device_signature(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda-sm{major}{minor}"
-    return device.type
+    return artifacts.cache_dir("GESSO_AOT_CACHE", "aot")
 
 
 def _weights(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -117,10 +106,10 @@ class AotForward:
         key = {
             "format": FORMAT,
             "torch": torch.__version__,
-            "device": _device_signature(device),
+            "device": artifacts.device_signature(device),
             "module": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
-            "weights": [[name, *_tensor_signature(t)] for name, t in weights],
-            "inputs": [_tensor_signature(t) for t in tensors],
+            "weights": [[name, *artifacts.tensor_signature(t)] for name, t in weights],
+            "inputs": [artifacts.tensor_signature(t) for t in tensors],
             "call": [str(spec), [None if isinstance(x, torch.Tensor) else repr(x) for x in leaves]],
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

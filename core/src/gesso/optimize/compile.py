@@ -6,6 +6,9 @@ the whole UNet: blocks of the same shape share one compiled graph, so the first-
 fraction of a whole-model compile, while the fusions that matter (norms, activations, residual
 adds around the matrix products) happen inside the blocks. ``compile_full`` compiles the whole
 module for the last few percent, at a longer first run.
+
+Each compiled block is kept in gesso's compile cache (:mod:`gesso.optimize.precompiled`), so a new
+process loads it instead of tracing it again.
 """
 
 from __future__ import annotations
@@ -34,13 +37,33 @@ def _allow_one_graph_per_block_shape() -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
 
 
+def regions(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost blocks of ``module`` whose class sets ``compile_region`` (a region inside another
+    one, such as a resampler inside a resnet, is compiled as part of it)."""
+    found: list[str] = []
+    for name, block in module.named_modules():
+        if getattr(type(block), "compile_region", False) and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    return [module.get_submodule(name) for name in found]
+
+
+def compile_blocks(module: torch.nn.Module) -> None:
+    """Compile each region of ``module`` in place."""
+    from gesso.optimize import precompiled
+
+    _allow_one_graph_per_block_shape()
+    chosen = options()
+    for block in regions(module):
+        if precompiled.enabled():
+            precompiled.precompile_block(block, chosen)
+        else:
+            block.compile(fullgraph=True, dynamic=False, **chosen)
+
+
 def compile_regional(pipeline: Any, policy: Any) -> None:
     """``torch.compile`` each repeated block of the hot-loop modules in place."""
-    _allow_one_graph_per_block_shape()
     for module in hot_loop_modules(pipeline, policy).values():
-        for block in module.modules():
-            if getattr(type(block), "compile_region", False):
-                block.compile(fullgraph=True, dynamic=False, **options())
+        compile_blocks(module)
 
 
 def compile_full(pipeline: Any, policy: Any) -> None:
@@ -52,8 +75,5 @@ def compile_full(pipeline: Any, policy: Any) -> None:
 def compile_vae(pipeline: Any, policy: Any) -> None:
     """Compile the VAE decoder's blocks as well (the decode is a large share of a short run)."""
     vae = getattr(pipeline, "vae", None)
-    _allow_one_graph_per_block_shape()
     if isinstance(vae, torch.nn.Module):
-        for block in vae.modules():
-            if getattr(type(block), "compile_region", False):
-                block.compile(fullgraph=True, dynamic=False, **options())
+        compile_blocks(vae)
