@@ -8,7 +8,8 @@ adds around the matrix products) happen inside the blocks. ``compile_full`` comp
 module for the last few percent, at a longer first run.
 
 Each compiled block is kept in gesso's compile cache (:mod:`gesso.optimize.precompiled`), so a new
-process loads it instead of tracing it again.
+process loads it instead of tracing it again; a first compile runs the blocks' compilations in
+parallel child processes (:mod:`gesso.optimize.parallel`).
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ def compile_blocks(module: torch.nn.Module) -> None:
 
 
 def compile_regional(pipeline: Any, policy: Any) -> None:
-    """``torch.compile`` each repeated block of the hot-loop modules in place."""
+    """``torch.compile`` each repeated block of the hot-loop modules in place; a module's first call
+    compiles its blocks side by side (:mod:`gesso.optimize.parallel`)."""
+    from gesso.optimize import parallel, precompiled
+
     for module in hot_loop_modules(pipeline, policy).values():
         compile_blocks(module)
+        if precompiled.enabled():
+            parallel.compile_together(module)
 
 
 def compile_full(pipeline: Any, policy: Any) -> None:

@@ -13,7 +13,8 @@ cache. An artifact is keyed by everything the compiled code assumed: the block's
 source of the packages that define it, its submodules' settings, its weights' names, shapes,
 strides and dtypes, the call's tensor shapes, strides and dtypes and its other arguments, the
 compile options, the torch version and the device. Where ``aot_compile`` is unavailable (an older
-torch) or refuses a block, the block is compiled just in time as before.
+torch) or refuses a block, the block is compiled just in time as before. A module's first call
+compiles its blocks in child processes (:mod:`gesso.optimize.parallel`).
 """
 
 from __future__ import annotations
@@ -138,16 +139,26 @@ class PrecompiledForward:
         compiled = self._by_call.get(call_key)
         if compiled is None or not compiled.guard_check(self.block, *args, **kwargs):
             # first call with these arguments, or the block's weights changed dtype, device or layout
-            compiled = self._by_call[call_key] = self._prepare(leaves, spec, args, kwargs)
+            compiled = self._prepare(leaves, spec, args, kwargs)
+            if compiled is None:  # to be compiled with the others after this call (``parallel``)
+                return type(self.block).forward(self.block, *args, **kwargs)
+            self._by_call[call_key] = compiled
         return compiled(self.block, *args, **kwargs)
 
     def _prepare(self, leaves: list[Any], spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The compiled function for this call: in memory, loaded from the cache, or compiled here;
+        ``None`` where its compilation waits for the end of a module's first call (``parallel``)."""
+        from gesso.optimize import parallel
+
         forward = type(self.block).forward
         key = artifact_key(self.block, leaves, spec, self.options)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         if digest not in self._artifacts:
             path = cache_dir() / f"{type(self.block).__name__}-{digest}.bin"
-            self._artifacts[digest] = self._load(path, forward) or self._compile(path, forward, args, kwargs)
+            loaded = self._load(path, forward)
+            if loaded is None and parallel.defer(self.block, leaves, spec, self.options, path):
+                return None
+            self._artifacts[digest] = loaded or self._compile(path, forward, args, kwargs)
         compiled = self._artifacts[digest]
         if not compiled.guard_check(self.block, *args, **kwargs):
             # the key missed something the compiled code assumed: compile just in time instead
