@@ -203,7 +203,7 @@ def first_image_times(folder: Path, caches: Path, steps: int, labels: list[str])
     for label in labels:
         optimizations, environment = START_UP[label]
         cache = caches / label.replace(", ", "-").replace(" ", "-")
-        shutil.rmtree(cache, ignore_errors=True)
+        fresh_dir(cache)
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "GESSO_COMPILE_CACHE": str(cache / "gesso"), **environment}
         # Python bytecode kept as after a normal install (the device image ships torch without it,
         # and recompiling torch's sources costs about 7 s a process): the first run writes it.

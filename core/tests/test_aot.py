@@ -12,47 +12,29 @@ import subprocess
 import sys
 import textwrap
 
+import small_block
 import torch
-from gesso.nn.resnet import ResnetBlock2D
 from gesso.nn.unet_2d_condition import UNet2DConditionOutput
 from gesso.optimize.aot import compile_module
 
-BLOCK = "ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4)"
-
-
-def _block() -> ResnetBlock2D:
-    torch.manual_seed(0)
-    return eval(BLOCK).eval()  # noqa: S307 - the same constructor text runs in the child process below
-
-
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(2, 8, 8, 8, generator=generator), torch.randn(2, 12, generator=generator)
-
-
-CHILD = textwrap.dedent(
-    f"""
-    import json, sys, torch
-    from gesso.nn.resnet import ResnetBlock2D
+CHILD = small_block.SETUP + textwrap.dedent(
+    """
+    import json, sys
     from gesso.optimize.aot import compile_module
-    torch.manual_seed(0)
-    block = {BLOCK}.eval()
-    generator = torch.Generator().manual_seed(1)
-    x, temb = torch.randn(2, 8, 8, 8, generator=generator), torch.randn(2, 12, generator=generator)
     with torch.no_grad():
         eager = block(x, temb)
         compile_module(block)
         out = block(x, temb)
     compiler = [m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules]
-    print(json.dumps({{"error": (out - eager).abs().max().item(), "compiler": compiler}}))
+    print(json.dumps({"error": (out - eager).abs().max().item(), "compiler": compiler}))
     """
 )
 
 
 def test_a_package_matches_eager_and_a_new_process_loads_it_without_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("GESSO_AOT_CACHE", str(tmp_path))
-    block = _block()
-    x, temb = _inputs()
+    block = small_block.block()
+    x, temb = small_block.inputs()
     with torch.no_grad():
         eager = block(x, temb)
         compile_module(block)

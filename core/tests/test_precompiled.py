@@ -15,22 +15,10 @@ import sys
 import textwrap
 
 import pytest
+import small_block
 import torch
-from gesso.nn.resnet import ResnetBlock2D
 from gesso.optimize.precompiled import PrecompiledForward, artifact_key, precompile_block
 from torch.utils import _pytree as pytree
-
-BLOCK = "ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4)"
-
-
-def _block() -> ResnetBlock2D:
-    torch.manual_seed(0)
-    return eval(BLOCK).eval()  # noqa: S307 - the same constructor text runs in the child process below
-
-
-def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(2, 8, 8, 8, generator=generator, dtype=dtype), torch.randn(2, 12, generator=generator, dtype=dtype)
 
 
 @pytest.fixture
@@ -41,32 +29,27 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-CHILD = textwrap.dedent(
-    f"""
-    import json, sys, torch
-    from gesso.nn.resnet import ResnetBlock2D
+CHILD = small_block.SETUP + textwrap.dedent(
+    """
+    import json
     from gesso.optimize.precompiled import PrecompiledForward, precompile_block
 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled again instead of loaded")
 
     PrecompiledForward._compile = refuse
-    torch.manual_seed(0)
-    block = {BLOCK}.eval()
-    generator = torch.Generator().manual_seed(1)
-    x, temb = torch.randn(2, 8, 8, 8, generator=generator), torch.randn(2, 12, generator=generator)
     with torch.no_grad():
         eager = block(x, temb)
-        precompile_block(block, {{}})
+        precompile_block(block, {})
         out = block(x, temb)
-    print(json.dumps({{"error": (out - eager).abs().max().item()}}))
+    print(json.dumps({"error": (out - eager).abs().max().item()}))
     """
 )
 
 
 def test_an_inductor_compiled_block_matches_eager_and_loads_in_a_new_process(cache):
-    block = _block()
-    x, temb = _inputs()
+    block = small_block.block()
+    x, temb = small_block.inputs()
     with torch.no_grad():
         eager = block(x, temb)
         precompile_block(block, {})  # the default backend: Inductor
@@ -84,8 +67,8 @@ def test_an_inductor_compiled_block_matches_eager_and_loads_in_a_new_process(cac
 
 
 def test_a_damaged_artifact_is_compiled_again_with_a_warning(cache, caplog):
-    block = _block()
-    x, temb = _inputs()
+    block = small_block.block()
+    x, temb = small_block.inputs()
     with torch.no_grad():
         eager = block(x, temb)
         precompile_block(block, {"backend": "aot_eager"})
@@ -93,7 +76,7 @@ def test_a_damaged_artifact_is_compiled_again_with_a_warning(cache, caplog):
         (artifact,) = cache.iterdir()
         artifact.write_bytes(b"not a compiled function")
         PrecompiledForward._artifacts.clear()  # as a new process would
-        again = _block()
+        again = small_block.block()
         precompile_block(again, {"backend": "aot_eager"})
         with caplog.at_level(logging.WARNING, logger="gesso"):
             out = again(x, temb)
@@ -103,12 +86,12 @@ def test_a_damaged_artifact_is_compiled_again_with_a_warning(cache, caplog):
 
 
 def test_weights_changing_dtype_get_their_own_compilation(cache):
-    block = _block()
+    block = small_block.block()
     precompile_block(block, {"backend": "aot_eager"})
     with torch.no_grad():
-        block(*_inputs())
+        block(*small_block.inputs())
         block.double()
-        x, temb = _inputs(torch.float64)
+        x, temb = small_block.inputs(torch.float64)
         out = block(x, temb)
         block.__dict__.pop("forward")
         eager = block(x, temb)
@@ -124,8 +107,8 @@ def test_a_block_that_cannot_be_compiled_ahead_of_time_is_compiled_just_in_time(
         raise RuntimeError("not serialisable here")
 
     monkeypatch.setattr(torch._dynamo.aot_compile, "aot_compile_fullgraph", unsupported)
-    block = _block()
-    x, temb = _inputs()
+    block = small_block.block()
+    x, temb = small_block.inputs()
     with torch.no_grad():
         eager = block(x, temb)
         precompile_block(block, {"backend": "aot_eager"})
@@ -139,16 +122,16 @@ def test_a_block_that_cannot_be_compiled_ahead_of_time_is_compiled_just_in_time(
 
 
 def test_the_key_follows_what_the_compiled_code_depends_on():
-    block = _block()
-    x, temb = _inputs()
+    block = small_block.block()
+    x, temb = small_block.inputs()
 
     def key(module, *args, **options):
         leaves, spec = pytree.tree_flatten((args, {}))
         return artifact_key(module, leaves, spec, options)
 
     base = key(block, x, temb)
-    assert key(_block(), x, temb) == base  # another block of the same class, settings and shapes
-    changed = _block()
+    assert key(small_block.block(), x, temb) == base  # another block of the same class, settings and shapes
+    changed = small_block.block()
     changed.output_scale_factor = 2.0
     assert key(changed, x, temb) != base
     assert key(block, x[:1], temb[:1]) != base
