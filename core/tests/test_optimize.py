@@ -96,13 +96,14 @@ def test_compile_cache_off_compiles_in_each_process(folder, tmp_path, monkeypatc
 def test_offload_runs_components_in_the_family_order(folder):
     from gesso.optimize.offload import model_cpu_offload
 
+    plain = images(AutoPipelineForText2Image.from_pretrained(folder))
     pipeline = AutoPipelineForText2Image.from_pretrained(folder)
     chain = model_cpu_offload(pipeline, get_host().registry.families["sd15"].execution_policy, "cpu")
     names = {id(getattr(pipeline, n)): n for n in ("text_encoder", "unet", "vae")}
     order = []
     activate = chain.activate
     chain.activate = lambda module: (order.append(names.get(id(module))), activate(module))[1]
-    images(pipeline)
+    np.testing.assert_array_equal(images(pipeline), plain)
     assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == ["text_encoder", "unet", "vae"]
 
 

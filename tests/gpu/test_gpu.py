@@ -124,11 +124,34 @@ def test_offload_keeps_one_component_on_the_gpu_and_gives_the_same_latents(sd15_
     peak = torch.cuda.max_memory_allocated()
     assert chain.active is pipeline.unet
     assert pipeline.text_encoder.device.type == "cpu"
+    text_weights = chain.weights[id(pipeline.text_encoder)]
+    assert all(h.is_pinned() for h in text_weights.host)  # DMA copies to the GPU
+    assert [t.data_ptr() for t in text_weights.tensors] == [h.data_ptr() for h in text_weights.host]  # back without a copy
     on_gpu = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16).to("cuda")
     torch.cuda.reset_peak_memory_stats()
     expected = on_gpu("a cat", num_inference_steps=4, output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
     assert peak < torch.cuda.max_memory_allocated()
     torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_sdxl_offload_decodes_in_float32_like_the_pipeline_on_the_gpu(tmp_path):
+    """SDXL's VAE is cast to float32 for decoding while it waits on the CPU: the cast and the
+    latents must reach the GPU with it."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+    from gesso_sdxl.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny-sdxl")
+
+    def image(optimizations):
+        pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+        optimize(pipeline, optimizations)
+        result = pipeline("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(0))
+        return result.images, pipeline.vae.dtype
+
+    (offloaded, vae_dtype), (on_gpu, _) = image(["offload"]), image([])
+    assert vae_dtype == torch.float16  # back to float16 after the float32 decode
+    assert abs(offloaded - on_gpu).max() < 1e-3
 
 
 def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkeypatch):

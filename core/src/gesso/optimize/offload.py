@@ -3,27 +3,129 @@
 The family's ``offload_order`` lists components in the order a generation calls them; when one is
 called, it moves to the execution device and the one before it goes back to the CPU, so at most
 one large component is on the GPU at a time (peak memory: the UNet's weights plus activations).
+
+Each component's weights stay in CPU memory for the whole run (:class:`HostWeights`): page-locked
+on a CUDA device, so a visit to the GPU is one DMA copy per tensor instead of the driver's staged
+copy from pageable memory, and the way back needs no copy at all, since a generation does not
+change weights. A tensor that was changed or replaced while on the device is copied back first.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger("gesso")
+
+#: Page-locked memory comes in blocks of this size: CUDA's host allocator rounds every request up to
+#: a power of two, so weights are packed into equal blocks rather than locked one by one.
+BLOCK_BYTES = 64 * 2**20
+_ALIGN = 256
+
+
+class HostWeights:
+    """The parameters and buffers of one module, kept in CPU memory and lent to a device.
+
+    Tensors keep their identity (``tensor.data`` is swapped), so tied weights, hooks and references
+    held elsewhere see the move. A tensor replaced while on the CPU (``module.to(dtype)``, as SDXL's
+    float32 decoding does) is lent as it now is; one changed on the device (its version counter
+    moved, or a new storage) is copied back. Edits through ``.data`` in place bypass both checks.
+    """
+
+    def __init__(self, module: torch.nn.Module, allocate: Callable[[int], torch.Tensor] | None = None) -> None:
+        """``allocate(nbytes)`` gives the uint8 blocks the copies are packed into (page-locked ones
+        for a CUDA device); without it, each tensor is copied to plain CPU memory."""
+        tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        self.tensors = list(tensors.values())
+        self.host = _host_copies(self.tensors, allocate)
+        self.slots = list(self.host)  # the first copies (page-locked), reused whenever a tensor has their dtype and shape
+        for tensor, host in zip(self.tensors, self.host):
+            tensor.data = host
+        self.lent: list[tuple[int, int]] | None = None  # (data pointer, version) of each tensor on the device
+
+    def lend(self, device: torch.device) -> None:
+        """Copy every tensor to ``device`` (asynchronously from page-locked memory)."""
+        for index, tensor in enumerate(self.tensors):
+            host = self.host[index]
+            if tensor.data_ptr() != host.data_ptr():  # replaced while on the CPU (a cast to another dtype)
+                host = self._keep(index, tensor)
+            tensor.data = host.to(device, non_blocking=host.is_pinned(), copy=True)
+        self.lent = [(t.data_ptr(), t._version) for t in self.tensors]
+
+    def take_back(self) -> None:
+        """Point every tensor at its CPU copy again, copying back only what changed on the device."""
+        if self.lent is None:
+            return
+        for index, (tensor, (pointer, version)) in enumerate(zip(self.tensors, self.lent)):
+            host = self.host[index]
+            if tensor.data_ptr() != pointer or tensor._version != version:
+                host = self._keep(index, tensor)
+            tensor.data = host
+        self.lent = None
+
+    def _keep(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Make ``tensor``'s present value its CPU copy: written into its first copy where it fits
+        (the same dtype and shape: it stays page-locked), else kept as a new CPU tensor."""
+        slot = self.slots[index]
+        if slot.dtype == tensor.dtype and slot.shape == tensor.shape:
+            if slot.data_ptr() != tensor.data_ptr():
+                slot.copy_(tensor.detach())
+            self.host[index] = slot
+        else:
+            self.host[index] = tensor.detach().to("cpu")
+        return self.host[index]
+
+
+def _host_copies(tensors: list[torch.Tensor], allocate: Callable[[int], torch.Tensor] | None) -> list[torch.Tensor]:
+    """CPU copies of ``tensors`` with their shapes and memory layouts, packed into blocks from
+    ``allocate``; a tensor larger than a block gets a block of its own."""
+    if allocate is None:
+        return [t.detach().to("cpu", copy=True) for t in tensors]
+    copies: list[torch.Tensor] = []
+    block, used = torch.empty(0, dtype=torch.uint8), BLOCK_BYTES
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if size > BLOCK_BYTES:
+            region = allocate(size)
+        else:
+            if used + size > BLOCK_BYTES:
+                block, used = allocate(BLOCK_BYTES), 0
+            region = block[used : used + size]
+            used += -(-size // _ALIGN) * _ALIGN
+        layout = torch.empty_like(tensor, device="meta").stride()  # dense, in the tensor's own order (channels-last stays)
+        copy = region.view(tensor.dtype).as_strided(tensor.shape, layout)
+        copy.copy_(tensor.detach())
+        copies.append(copy)
+    return copies
+
+
+def page_locked(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked CPU memory, which CUDA copies from by DMA; plain memory (slower
+    copies, with a warning) where the system refuses to lock more."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as error:
+        logger.warning("offload: page-locked memory refused (%s); copies to the GPU take the slower path", str(error).splitlines()[0])
+        return torch.empty(nbytes, dtype=torch.uint8)
 
 
 class OffloadChain:
     def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
         self.modules = modules
         self.device = device
+        allocate = page_locked if device.type == "cuda" else None
+        self.weights = {id(module): HostWeights(module, allocate) for module in modules}
         self.active: torch.nn.Module | None = None
 
     def activate(self, module: torch.nn.Module) -> None:
         if self.active is module:
             return
         if self.active is not None:
-            self.active.to("cpu")
-        module.to(self.device)
+            self.weights[id(self.active)].take_back()
+        self.weights[id(module)].lend(self.device)
         self.active = module
 
 
@@ -34,7 +136,6 @@ def model_cpu_offload(pipeline: Any, policy: Any, device: str | torch.device | N
     modules = [getattr(pipeline, n) for n in names]
     chain = OffloadChain(modules, target)
     for module in modules:
-        module.to("cpu")
         module.register_forward_pre_hook(lambda m, args, chain=chain: chain.activate(m))
         for name in ("encode", "decode"):  # the VAE is entered through these, not forward()
             method = getattr(module, name, None)

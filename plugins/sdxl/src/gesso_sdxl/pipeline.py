@@ -249,7 +249,7 @@ class StableDiffusionXLPipeline(Text2ImagePipeline):
         if upcast:
             vae.to(dtype=torch.float32)
         try:
-            latents = latents.to(device=vae.device, dtype=vae.dtype)
+            latents = latents.to(device=self.device, dtype=vae.dtype)  # the execution device (the VAE may be offloaded)
             mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
             if mean is not None and std is not None:
                 channels = latents.shape[1]
