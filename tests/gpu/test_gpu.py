@@ -3,6 +3,8 @@ and the correctness guard of every optimization against the float32 eager result
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -117,40 +119,51 @@ def test_offload_keeps_one_component_on_the_gpu_and_gives_the_same_latents(sd15_
     from gesso.optimize.offload import model_cpu_offload
     from gesso.plugins import get_host
 
+    def generate(pipeline):
+        return pipeline("a cat", num_inference_steps=4, output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
+
+    def with_peak(run):
+        """``run()`` and the most GPU memory it added at any moment (other tests' leftovers collected first)."""
+        gc.collect()
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return run(), torch.cuda.max_memory_allocated() - start
+
     pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16)
     chain = model_cpu_offload(pipeline, get_host().registry.families["sd15"].execution_policy, "cuda")
-    torch.cuda.reset_peak_memory_stats()
-    latents = pipeline("a cat", num_inference_steps=4, output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
-    peak = torch.cuda.max_memory_allocated()
+    latents, peak = with_peak(lambda: generate(pipeline))
     assert chain.active is pipeline.unet
     assert pipeline.text_encoder.device.type == "cpu"
     text_weights = chain.weights[id(pipeline.text_encoder)]
     assert all(h.is_pinned() for h in text_weights.host)  # DMA copies to the GPU
     assert [t.data_ptr() for t in text_weights.tensors] == [h.data_ptr() for h in text_weights.host]  # back without a copy
-    on_gpu = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16).to("cuda")
-    torch.cuda.reset_peak_memory_stats()
-    expected = on_gpu("a cat", num_inference_steps=4, output_type="latent", generator=torch.Generator("cpu").manual_seed(0)).images
-    assert peak < torch.cuda.max_memory_allocated()
+    expected, peak_on_gpu = with_peak(
+        lambda: generate(AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16).to("cuda"))
+    )
+    assert peak < peak_on_gpu
     torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-3)
 
 
-def test_sdxl_offload_decodes_in_float32_like_the_pipeline_on_the_gpu(tmp_path):
-    """SDXL's VAE is cast to float32 for decoding while it waits on the CPU: the cast and the
-    latents must reach the GPU with it."""
+@pytest.mark.parametrize("family", ["sdxl", "kandinsky"])
+def test_offload_gives_the_image_of_the_pipeline_on_the_gpu(tmp_path, family):
+    """SDXL casts its VAE to float32 for decoding while the VAE waits on the CPU (the cast and the
+    latents must reach the GPU with it); Kandinsky runs a prior pipeline inside its own."""
+    import importlib
+
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
-    from gesso_sdxl.tiny import write_tiny_checkpoint
 
-    folder = write_tiny_checkpoint(tmp_path / "tiny-sdxl")
+    folder = importlib.import_module(f"gesso_{family}.tiny").write_tiny_checkpoint(tmp_path / family)
 
     def image(optimizations):
         pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
         optimize(pipeline, optimizations)
         result = pipeline("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(0))
-        return result.images, pipeline.vae.dtype
+        return result.images, {name: {p.dtype for p in module.parameters()} for name, module in pipeline.modules()}
 
-    (offloaded, vae_dtype), (on_gpu, _) = image(["offload"]), image([])
-    assert vae_dtype == torch.float16  # back to float16 after the float32 decode
+    (offloaded, offloaded_dtypes), (on_gpu, dtypes) = image(["offload"]), image([])
+    assert offloaded_dtypes == dtypes  # casts made for decoding are undone as on the GPU
     assert abs(offloaded - on_gpu).max() < 1e-3
 
 
