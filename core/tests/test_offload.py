@@ -114,7 +114,10 @@ def test_page_locked_falls_back_to_plain_memory_when_refused(monkeypatch, caplog
         return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", refuse_to_lock)
+    monkeypatch.setattr(offload, "_refusal_reported", False)
     with caplog.at_level("WARNING", logger="gesso"):
         block = offload.page_locked(1024)
+        offload.page_locked(2048)  # a second refused block is not reported again
     assert block.numel() == 1024 and not block.is_pinned()
     assert "page-locked memory refused" in caplog.text and "out of memory" in caplog.text
+    assert caplog.text.count("page-locked memory refused") == 1

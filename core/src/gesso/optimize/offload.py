@@ -102,13 +102,19 @@ def _host_copies(tensors: list[torch.Tensor], allocate: Callable[[int], torch.Te
     return copies
 
 
+_refusal_reported = False
+
+
 def page_locked(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-locked CPU memory, which CUDA copies from by DMA; plain memory (slower
-    copies, with a warning) where the system refuses to lock more."""
+    copies) where the system refuses to lock more, said once per process rather than per block."""
+    global _refusal_reported
     try:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     except RuntimeError as error:
-        logger.warning("offload: page-locked memory refused (%s); copies to the GPU take the slower path", str(error).splitlines()[0])
+        if not _refusal_reported:
+            _refusal_reported = True
+            logger.warning("offload: page-locked memory refused (%s); copies to the GPU take the slower path", str(error).splitlines()[0])
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
