@@ -15,16 +15,17 @@ import torch
 
 def category(name: str) -> str:
     lowered = name.lower()
+    # Inductor's kernels first: their names list the fused ops, and "convolution" there is a bias add
     for key, label in (
+        ("triton_mm", "GEMM"),
+        ("triton", "fused element-wise / norm (Inductor)"),
         ("sdpa", "attention"),
         ("fmha", "attention"),
         ("flash", "attention"),
         ("conv", "convolution"),
         ("xmma", "convolution/GEMM (cuDNN)"),
         ("gemm", "GEMM"),
-        ("triton_mm", "GEMM"),
         ("nvjet", "GEMM"),
-        ("triton", "fused element-wise / norm (Inductor)"),
         ("norm", "norm"),
     ):
         if key in lowered:

@@ -167,6 +167,29 @@ def test_offload_gives_the_image_of_the_pipeline_on_the_gpu(tmp_path, family):
     assert abs(offloaded - on_gpu).max() < 1e-3
 
 
+def test_offload_takes_a_controlnet_off_the_gpu_with_the_unet(tmp_path):
+    """The net joins the UNet's visits to the GPU (it runs at every step) and leaves with it."""
+    from gesso import AutoPipelineForText2Image, ControlNetModel
+    from gesso.runner import optimize
+    from gesso_controlnet.tiny import write_tiny_controlnet
+    from gesso_sd15.tiny import write_tiny_checkpoint
+    from PIL import Image
+
+    base, net = write_tiny_checkpoint(tmp_path / "base"), write_tiny_controlnet(tmp_path / "net", seed=0)
+    control = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+
+    def image(optimizations):
+        controlnet = ControlNetModel.from_pretrained(net, torch_dtype=torch.float16)
+        pipeline = AutoPipelineForText2Image.from_pretrained(base, controlnet=controlnet, torch_dtype=torch.float16).to("cuda")
+        optimize(pipeline, optimizations)
+        result = pipeline("a cat", image=control, num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(0))
+        return result.images, pipeline
+
+    (offloaded, pipeline), (on_gpu, _) = image(["offload"]), image([])
+    assert abs(offloaded - on_gpu).max() < 1e-3
+    assert {p.device.type for p in pipeline.controlnet.parameters()} == {"cpu"}
+
+
 def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkeypatch):
     """``device_map="cuda"`` locks each weight file's mapping, copies every tensor unchanged, unlocks."""
     from gesso import AutoPipelineForText2Image

@@ -149,6 +149,32 @@ def test_residuals_reach_the_unet(files):
     assert np.abs(on - base).max() > 1e-2
 
 
+def test_offload_lends_the_controlnet_together_with_the_unet(files):
+    """The net runs at every step beside the UNet: it visits the device with it and leaves with it."""
+    from gesso.optimize.offload import model_cpu_offload
+    from gesso.plugins import get_host
+
+    call = dict(prompt="a dancer", image=pose(), num_inference_steps=2, output_type="np", height=40, width=48)
+    plain = AutoPipelineForText2Image.from_pretrained(files["base"], controlnet=ControlNetModel.from_pretrained(files["nets"][0]))
+    expected = plain(**call, generator=torch.Generator().manual_seed(1)).images
+    pipeline = AutoPipelineForText2Image.from_pretrained(files["base"], controlnet=ControlNetModel.from_pretrained(files["nets"][0]))
+    chain = model_cpu_offload(pipeline, get_host().registry.families["sd15"].execution_policy, "cpu")
+    events = []
+    for name in ("text_encoder", "unet", "controlnet", "vae"):
+        weights = chain.weights[id(getattr(pipeline, name))]
+        lend, take_back = weights.lend, weights.take_back
+        weights.lend = lambda device, name=name, lend=lend: (events.append(("lend", name)), lend(device))[1]
+        weights.take_back = lambda name=name, take_back=take_back: (events.append(("back", name)), take_back())[1]
+
+    images = pipeline(**call, generator=torch.Generator().manual_seed(1)).images
+
+    np.testing.assert_array_equal(images, expected)
+    assert events[events.index(("lend", "controlnet")) - 1] == ("lend", "unet")
+    back = events.index(("back", "controlnet"))
+    assert events[back - 1 : back + 2] == [("back", "unet"), ("back", "controlnet"), ("lend", "vae")]
+    assert events.count(("lend", "controlnet")) == 1  # not lent again at each step
+
+
 # -- run configs and the CLI ---------------------------------------------------------------------
 def test_run_config_matches_python_api(files, tmp_path):
     result = gesso.run(run_config(files, tmp_path, controlnet=str(files["nets"][0]), image=str(files["images"][0])))

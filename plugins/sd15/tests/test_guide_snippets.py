@@ -67,9 +67,11 @@ def test_prompt_weighting_embeddings(pipeline):
 
 def test_compiled_unet_can_replace_the_component(checkpoint):
     """``pipeline.unet = torch.compile(pipeline.unet, ..., fullgraph=True)``: the whole UNet traces as
-    one graph and the compiled module works in its place (the eager backend keeps the CPU run short)."""
+    one graph and the compiled module works in its place (the eager backend keeps the CPU run short).
+    Compiled, the GroupNorms reduce their statistics in chunks (``gesso.nn.normalization``): the
+    same values up to float32 rounding, far below one level of an 8-bit image."""
     pipeline = AutoPipelineForText2Image.from_pretrained(checkpoint, torch_dtype=torch.float32, variant="fp16")
     expected = pipeline(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, output_type="np").images
     pipeline.unet = torch.compile(pipeline.unet, backend="eager", fullgraph=True)
     actual = pipeline(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2, output_type="np").images
-    assert abs(actual - expected).max() < 1e-5
+    assert abs(actual - expected).max() < 1e-4

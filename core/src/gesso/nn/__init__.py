@@ -8,6 +8,7 @@ from gesso.nn.activations import get_activation
 from gesso.nn.attention import GEGLU, Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
 from gesso.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLOutput, DecoderOutput
 from gesso.nn.embeddings import TextProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps, timestep_embedding
+from gesso.nn.normalization import GroupNorm
 from gesso.nn.resnet import Downsample2D, NormFactory, ResnetBlock2D, Upsample2D
 from gesso.nn.unet_2d_condition import (
     ADDITION_EMBEDDINGS,
@@ -57,6 +58,7 @@ __all__ = [
     "Downsample2D",
     "Encoder",
     "FeedForward",
+    "GroupNorm",
     "NormFactory",
     "ResnetBlock2D",
     "TextProjection",

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gesso.nn.normalization import GroupNorm
+
 
 class Attention(nn.Module):
     """Multi-head (self- or cross-) attention over tokens ``(B, N, C)`` or feature maps ``(B, C, H, W)``.
@@ -232,7 +234,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
+        self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
         if use_linear_projection:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
             self.proj_out: nn.Module = nn.Linear(inner_dim, in_channels)

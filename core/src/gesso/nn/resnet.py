@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gesso.nn.activations import get_activation
+from gesso.nn.normalization import GroupNorm
 
 NormFactory = Callable[[int], nn.Module]
 """Builds a conditional norm for ``num_channels``; the module is called as ``norm(x, cond)``.
@@ -116,7 +117,7 @@ class ResnetBlock2D(nn.Module):
         if norm_factory is not None:
             self.norm1: nn.Module = norm_factory(in_channels)
         else:
-            self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
+            self.norm1 = GroupNorm(groups, in_channels, eps=eps, affine=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj: nn.Linear | None = None
         if temb_channels is not None and norm_factory is None:
@@ -125,7 +126,7 @@ class ResnetBlock2D(nn.Module):
         if norm_factory is not None:
             self.norm2: nn.Module = norm_factory(out_channels)
         else:
-            self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
+            self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, padding=1)
         self.nonlinearity = get_activation(act_fn)

@@ -3,6 +3,7 @@
 The family's ``offload_order`` lists components in the order a generation calls them; when one is
 called, it moves to the execution device and the one before it goes back to the CPU, so at most
 one large component is on the GPU at a time (peak memory: the UNet's weights plus activations).
+Modules that conditioners run at every step (a ControlNet) visit the GPU together with the UNet.
 
 Each component's weights stay in CPU memory for the whole run (:class:`HostWeights`): page-locked
 on a CUDA device, so a visit to the GPU is one DMA copy per tensor instead of the driver's staged
@@ -119,29 +120,52 @@ def page_locked(nbytes: int) -> torch.Tensor:
 
 
 class OffloadChain:
-    def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
-        self.modules = modules
+    """Components lent to the device one group at a time, in the order a generation calls them.
+
+    A group is a component of the family's ``offload_order`` and, with the hot loop, the modules
+    its conditioners run at every step (a ControlNet): they are on the device together.
+    """
+
+    def __init__(self, groups: list[list[torch.nn.Module]], device: torch.device) -> None:
+        self.groups = groups
+        self.modules = [module for group in groups for module in group]
         self.device = device
         allocate = page_locked if device.type == "cuda" else None
-        self.weights = {id(module): HostWeights(module, allocate) for module in modules}
-        self.active: torch.nn.Module | None = None
+        self.weights = {id(module): HostWeights(module, allocate) for module in self.modules}
+        self._group_of = {id(module): group for group in groups for module in group}
+        self.active: torch.nn.Module | None = None  # the first module of the group on the device
 
     def activate(self, module: torch.nn.Module) -> None:
-        if self.active is module:
+        group = self._group_of[id(module)]
+        if self.active is group[0]:
             return
         if self.active is not None:
-            self.weights[id(self.active)].take_back()
-        self.weights[id(module)].lend(self.device)
-        self.active = module
+            for lent in self._group_of[id(self.active)]:
+                self.weights[id(lent)].take_back()
+        for member in group:
+            self.weights[id(member)].lend(self.device)
+        self.active = group[0]
 
 
 def model_cpu_offload(pipeline: Any, policy: Any, device: str | torch.device | None = None) -> OffloadChain:
     """Install the offload hooks; the pipeline keeps running on ``device`` (default: its device)."""
     target = torch.device(device) if device is not None else pipeline.device
     names = [n for n in policy.offload_order if isinstance(getattr(pipeline, n, None), torch.nn.Module)]
-    modules = [getattr(pipeline, n) for n in names]
-    chain = OffloadChain(modules, target)
-    for module in modules:
+    groups = [[getattr(pipeline, n)] for n in names]
+    listed = {id(group[0]) for group in groups}
+    per_step = [
+        module
+        for conditioner in getattr(pipeline, "conditioners", [])
+        for module in conditioner.modules().values()
+        if isinstance(module, torch.nn.Module) and id(module) not in listed
+    ]
+    hot_loop = next((group for name, group in zip(names, groups) if name in policy.hot_loop), None)
+    if hot_loop is not None:
+        hot_loop.extend(per_step)
+    else:
+        groups.extend([module] for module in per_step)
+    chain = OffloadChain(groups, target)
+    for module in chain.modules:
         module.register_forward_pre_hook(lambda m, args, chain=chain: chain.activate(m))
         for name in ("encode", "decode"):  # the VAE is entered through these, not forward()
             method = getattr(module, name, None)

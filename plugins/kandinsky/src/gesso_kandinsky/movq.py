@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
-from gesso.nn import Attention, Decoder, DownEncoderBlock2D, Encoder, NormFactory, UpDecoderBlock2D
+from gesso.nn import Attention, Decoder, DownEncoderBlock2D, Encoder, GroupNorm, NormFactory, UpDecoderBlock2D
 from gesso.nn.embeddings import embedding
 from torch import nn
 
@@ -28,7 +28,7 @@ class SpatialNorm(nn.Module):
 
     def __init__(self, channels: int, zq_channels: int) -> None:
         super().__init__()
-        self.norm_layer = nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+        self.norm_layer = GroupNorm(32, channels, eps=1e-6, affine=True)
         self.conv_y = nn.Conv2d(zq_channels, channels, kernel_size=1)
         self.conv_b = nn.Conv2d(zq_channels, channels, kernel_size=1)
 

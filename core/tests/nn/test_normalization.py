@@ -1,0 +1,95 @@
+"""GroupNorm with chunked statistics: the same result as the library's in either memory order, used
+only under torch.compile and only where chunking was measured to pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gesso.nn import normalization
+from gesso.nn.normalization import GroupNorm, group_norm_in_chunks, pixel_chunks
+from torch import nn
+
+
+def feature_map(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1.5  # a far-from-zero mean
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("shape", "chunks"), [((2, 64, 8, 8), 4), ((1, 96, 6, 10), 4), ((3, 32, 12, 12), 8), ((2, 64, 4, 4), 16)])
+def test_chunked_statistics_give_the_library_group_norm(shape, chunks, channels_last):
+    x = feature_map(shape, torch.float64, channels_last)
+    weight, bias = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+
+    out = group_norm_in_chunks(x, 32, weight, bias, 1e-5, chunks)
+
+    torch.testing.assert_close(out, F.group_norm(x, 32, weight, bias, 1e-5), rtol=1e-12, atol=1e-12)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_half_precision_maps_are_normalised_in_float32():
+    x = feature_map((2, 64, 8, 8), torch.float16, channels_last=True)
+
+    out = group_norm_in_chunks(x, 32, None, None, 1e-5, 4)
+
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), F.group_norm(x.float(), 32, eps=1e-5), rtol=0, atol=2e-3)
+
+
+def test_chunk_counts_divide_the_map_and_leave_large_power_of_two_maps_to_inductor():
+    for side in (64, 128, 256):
+        assert pixel_chunks(side * side) == 1
+    for height, width in ((8, 8), (16, 16), (32, 32), (12, 12), (24, 24), (48, 48), (96, 96), (7, 9), (50, 70)):
+        chunks = pixel_chunks(height * width)
+        assert (height * width) % chunks == 0
+    assert pixel_chunks(32 * 32) > 1 and pixel_chunks(96 * 96) > pixel_chunks(24 * 24) > 1
+
+
+@pytest.fixture
+def chunked_calls(monkeypatch):
+    calls = []
+    original = normalization.group_norm_in_chunks
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(normalization, "group_norm_in_chunks", counting)
+    return calls
+
+
+def test_compiled_group_norm_takes_the_chunked_path_and_matches_eager(chunked_calls):
+    norm = GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = feature_map((2, 64, 16, 16), torch.float32, channels_last=True)
+
+    eager = norm(x)
+    assert chunked_calls == []  # eager calls keep the library kernel
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)(x)
+
+    assert chunked_calls == [x.shape]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_group_norm_leaves_other_inputs_to_the_library(chunked_calls):
+    norm = GroupNorm(8, 16)
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True)
+    tokens = torch.randn(2, 16, 10)  # (B, C, L): the attention's norm over tokens
+    large = torch.randn(1, 16, 64, 64)
+
+    torch.testing.assert_close(compiled(tokens), norm(tokens))
+    torch.testing.assert_close(compiled(large), norm(large))
+    assert chunked_calls == []
+
+
+def test_state_dict_is_the_library_modules():
+    library = nn.GroupNorm(32, 64)
+    ours = GroupNorm(32, 64)
+    ours.load_state_dict(library.state_dict())
+    assert list(ours.state_dict()) == list(library.state_dict())
