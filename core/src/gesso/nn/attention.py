@@ -277,7 +277,10 @@ class Transformer2DModel(nn.Module):
 
         if self.use_linear_projection:
             tokens = self.proj_out(tokens)
-        hidden_states = tokens.reshape(batch, height, width, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        # Back in the input's memory order: a channels-last map stays channels-last (the tokens are
+        # already in that order, so no copy), and what follows reads it without transposing.
+        layout = torch.channels_last if residual.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        hidden_states = tokens.reshape(batch, height, width, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         return hidden_states + residual
