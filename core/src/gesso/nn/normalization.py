@@ -41,7 +41,8 @@ def group_norm_in_chunks(
     batch, channels, height, width = x.shape
     pixels, per_group = height * width, channels // groups
     compute = torch.promote_types(x.dtype, torch.float32)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if channels_last:
         pixels_first = x.permute(0, 2, 3, 1)  # (N, H, W, C) in memory order
         parts = pixels_first.reshape(batch, chunks, pixels // chunks, groups, per_group).to(compute)
         var, mean = torch.var_mean(parts, dim=(2, 4), correction=0)  # (N, chunks, G)
@@ -56,7 +57,7 @@ def group_norm_in_chunks(
     group_var = var.mean(chunk_dim, keepdim=True) + (mean - group_mean).square().mean(chunk_dim, keepdim=True)
     rstd = torch.rsqrt(group_var + eps).reshape(stats_shape)
     normalized = (grouped.to(compute) - group_mean.reshape(stats_shape)) * rstd
-    if chunk_dim == 1:
+    if channels_last:
         normalized = normalized.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     else:
         normalized = normalized.reshape(batch, channels, height, width)
@@ -72,7 +73,8 @@ class GroupNorm(nn.GroupNorm):
     statistics over the GPU; see the module's docstring."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = pixel_chunks(x.shape[2] * x.shape[3]) if x.dim() == 4 else 1
-        if chunks == 1 or not torch.compiler.is_compiling():
-            return super().forward(x)
-        return group_norm_in_chunks(x, self.num_groups, self.weight, self.bias, self.eps, chunks)
+        if x.dim() == 4 and torch.compiler.is_compiling():  # eager calls pay for nothing here
+            chunks = pixel_chunks(x.shape[2] * x.shape[3])
+            if chunks > 1:
+                return group_norm_in_chunks(x, self.num_groups, self.weight, self.bias, self.eps, chunks)
+        return super().forward(x)
