@@ -67,7 +67,14 @@ def test_regional_compile_gives_the_same_image_and_a_new_process_loads_the_compi
     plain = images(AutoPipelineForText2Image.from_pretrained(folder))
     pipeline = optimized(folder, "compile")
     compiled = [m for m in pipeline.unet.modules() if isinstance(m.__dict__.get("forward"), PrecompiledForward)]
-    assert compiled and {type(m).__name__ for m in compiled} <= {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    assert compiled and {type(m).__name__ for m in compiled} <= {
+        "Transformer2DModel",
+        "ResnetBlock2D",
+        "Downsample2D",
+        "Upsample2D",
+        "OutputGroupNorm",
+    }
+    assert isinstance(pipeline.unet.conv_norm_out.__dict__.get("forward"), PrecompiledForward)  # outside every block
     image = images(pipeline)
     np.testing.assert_allclose(image, plain, atol=1e-4)
     artifacts = sorted((tmp_path / "cache").iterdir())

@@ -208,3 +208,48 @@ def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkey
     for (name, module), (_, other) in zip(moved.modules(), placed.modules(), strict=True):
         for (key, tensor), (_, copy) in zip(module.state_dict().items(), other.state_dict().items(), strict=True):
             assert copy.is_cuda and torch.equal(copy, tensor), f"{name}.{key}"
+
+
+def compiled_kernel_names(module, *args):
+    """Names of the GPU kernels one call of ``module`` runs, after its regions compiled in this process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        module(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            module(*args)
+            torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+@pytest.mark.parametrize("heuristics_on", [True, False], ids=["gesso", "inductor-defaults"])
+def test_wide_layer_norm_rows_compile_to_one_pass_kernels(tmp_path, monkeypatch, heuristics_on):
+    """SDXL's 1,280-wide LayerNorm rows: persistent reductions under gesso's heuristics, Inductor's
+    looped ones without them (the reason ``gesso.optimize.heuristics`` exists); same values either way."""
+    import torch._inductor.config
+    from gesso.nn import Transformer2DModel
+    from gesso.optimize import heuristics
+    from gesso.optimize.compile import compile_blocks
+    from gesso.optimize.precompiled import PrecompiledForward
+
+    monkeypatch.setattr(PrecompiledForward, "_artifacts", {})
+    monkeypatch.setenv("GESSO_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GESSO_COMPILE_WORKERS", "1")
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # kernels made now, not found
+    monkeypatch.setattr(heuristics, "ENABLED", heuristics_on)
+    torch.manual_seed(0)
+    block = Transformer2DModel(20, 64, 1280, cross_attention_dim=2048, use_linear_projection=True).to("cuda", torch.float16).eval()
+    x = torch.randn(2, 1280, 32, 32, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = block(x, context)
+    compile_blocks(block)
+    names = [n for n in compiled_kernel_names(block, x, context) if "layer_norm" in n]
+    assert names
+    if heuristics_on:
+        assert all(n.startswith("triton_per_") for n in names), names
+    else:
+        assert any(n.startswith("triton_red_") for n in names), names
+    with torch.no_grad():
+        assert relative_error(block(x, context).float(), eager.float()) < 2e-3

@@ -32,6 +32,20 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(img) for img in images]
 
 
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """NCHW tensor in [0, 1] -> PIL images, the pixels of ``numpy_to_pil(to_numpy(images))``.
+
+    The scaling and rounding run where the tensor is, in float32 as numpy does them (an exact
+    multiplication, then rounding half to even), so only the 8-bit pixels cross to the CPU: a
+    quarter of the bytes, and no float passes over the image on the CPU (6 ms of a 0.35 s SD1.5
+    image on an H200 before, ``benchmarks/NOTES.md``).
+    """
+    pixels = (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).cpu().numpy()
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(img.squeeze(-1), mode="L") for img in pixels]
+    return [Image.fromarray(img) for img in pixels]
+
+
 def postprocess(images: torch.Tensor, output_type: str = "pil", mask: list[bool] | None = None) -> Any:
     """Decoded images in [-1, 1] -> the requested output type."""
     if output_type not in OUTPUT_TYPES:
@@ -41,8 +55,7 @@ def postprocess(images: torch.Tensor, output_type: str = "pil", mask: list[bool]
     images = denormalize(images, mask)
     if output_type == "pt":
         return images
-    array = to_numpy(images)
-    return array if output_type == "np" else numpy_to_pil(array)
+    return to_numpy(images) if output_type == "np" else tensor_to_pil(images)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

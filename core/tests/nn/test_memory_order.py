@@ -22,3 +22,20 @@ def test_transformer_keeps_the_input_memory_order(linear_projection):
     assert plain.is_contiguous()
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
     torch.testing.assert_close(nhwc, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_output_norm_keeps_the_input_memory_order_and_the_library_values():
+    from gesso.nn import OutputGroupNorm
+
+    torch.manual_seed(0)
+    norm = OutputGroupNorm(4, 16, eps=1e-6)
+    x = torch.randn(2, 16, 6, 5)
+    expected = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+
+    nhwc = norm(x.contiguous(memory_format=torch.channels_last))
+    plain = norm(x)
+
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert plain.is_contiguous()
+    torch.testing.assert_close(nhwc, expected)
+    torch.testing.assert_close(plain, expected)

@@ -8,7 +8,7 @@ from gesso.nn.activations import get_activation
 from gesso.nn.attention import GEGLU, Attention, BasicTransformerBlock, FeedForward, Transformer2DModel
 from gesso.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLOutput, DecoderOutput
 from gesso.nn.embeddings import TextProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps, timestep_embedding
-from gesso.nn.normalization import GroupNorm
+from gesso.nn.normalization import GroupNorm, OutputGroupNorm
 from gesso.nn.resnet import Downsample2D, NormFactory, ResnetBlock2D, Upsample2D
 from gesso.nn.unet_2d_condition import (
     ADDITION_EMBEDDINGS,
@@ -60,6 +60,7 @@ __all__ = [
     "FeedForward",
     "GroupNorm",
     "NormFactory",
+    "OutputGroupNorm",
     "ResnetBlock2D",
     "TextProjection",
     "TextTimeEmbedding",

@@ -78,3 +78,19 @@ class GroupNorm(nn.GroupNorm):
             if chunks > 1:
                 return group_norm_in_chunks(x, self.num_groups, self.weight, self.bias, self.eps, chunks)
         return super().forward(x)
+
+
+class OutputGroupNorm(GroupNorm):
+    """The GroupNorm in front of a network's output convolution (a UNet's or a VAE decoder's
+    ``conv_norm_out``), compiled as a region of its own by the regional compile: it stands outside
+    every block, and PyTorch's eager kernel reads a channels-last map through copies to and from
+    NCHW (0.3 ms of SDXL's 30 ms UNet step on an H200, ``benchmarks/NOTES.md``). Its output keeps
+    the input's memory order, which the output convolution then reads without another copy."""
+
+    compile_region = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalized = super().forward(x)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return normalized.contiguous(memory_format=torch.channels_last)
+        return normalized

@@ -28,7 +28,7 @@ from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
 from gesso.nn.activations import get_activation
 from gesso.nn.embeddings import TextProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps
-from gesso.nn.normalization import GroupNorm
+from gesso.nn.normalization import OutputGroupNorm
 from gesso.nn.unet_blocks import BlockSpec, build_block
 
 AdditionEmbeddingFactory = Callable[[Mapping[str, Any], int], nn.Module]
@@ -300,7 +300,7 @@ class UNet2DConditionModel(ModelMixin):
             self.up_blocks.append(build_block(name, spec))
         self.num_upsamplers = blocks - 1
 
-        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps) if norm_num_groups else None
+        self.conv_norm_out = OutputGroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps) if norm_num_groups else None
         self.conv_act = get_activation(act_fn) if norm_num_groups else None
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gesso.nn.activations import get_activation
-from gesso.nn.normalization import GroupNorm
+from gesso.nn.normalization import GroupNorm, OutputGroupNorm
 from gesso.nn.resnet import NormFactory
 from gesso.nn.unet_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 
@@ -124,7 +124,7 @@ class Decoder(nn.Module):
         )
         self.conditional_norm = norm_factory is not None
         self.conv_norm_out = (
-            norm_factory(block_out_channels[0]) if norm_factory else GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
+            norm_factory(block_out_channels[0]) if norm_factory else OutputGroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
         )
         self.conv_act = get_activation(act_fn)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gesso.optimize import artifacts
+from gesso.optimize import artifacts, heuristics
 
 logger = logging.getLogger("gesso")
 
@@ -97,6 +97,7 @@ def artifact_key(block: torch.nn.Module, leaves: list[Any], spec: Any, options: 
         "call": [str(spec), [artifacts.tensor_signature(x) if isinstance(x, torch.Tensor) else repr(x) for x in leaves]],
         "grad": torch.is_grad_enabled(),
         "options": options,
+        "heuristics": heuristics.signature(),
     }
 
 
@@ -105,12 +106,18 @@ class _JustInTime:
 
     def __init__(self, forward: Callable[..., Any], options: dict[str, Any]) -> None:
         self.compiled = torch.compile(forward, fullgraph=True, dynamic=False, **options)
+        self.called = False
 
     def guard_check(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.compiled(*args, **kwargs)
+        if self.called:
+            return self.compiled(*args, **kwargs)
+        with heuristics.active():  # the first call compiles
+            result = self.compiled(*args, **kwargs)
+        self.called = True
+        return result
 
 
 class PrecompiledForward:
@@ -192,7 +199,8 @@ class PrecompiledForward:
         if hasattr(torch._dynamo.config, "enable_aot_compile"):
             torch._dynamo.config.enable_aot_compile = True  # off by default in some torch versions
         try:
-            compiled = torch.compile(forward, fullgraph=True, dynamic=False, **self.options).aot_compile(((self.block, *args), kwargs))
+            with heuristics.active():
+                compiled = torch.compile(forward, fullgraph=True, dynamic=False, **self.options).aot_compile(((self.block, *args), kwargs))
         except Exception as err:
             logger.warning(
                 "compile: %s cannot be compiled ahead of time (%s: %s); compiling it just in time",
