@@ -59,3 +59,14 @@ def test_active_does_nothing_when_switched_off(monkeypatch):
     monkeypatch.setattr(heuristics, "ENABLED", False)
     with heuristics.active():
         assert V.choices is not heuristics.unet_choices()
+
+
+def test_active_leaves_inductor_alone_where_it_has_no_such_choice(monkeypatch):
+    """An Inductor without ``should_use_persistent_reduction`` (another torch) compiles as it is."""
+    from torch._inductor.choices import InductorChoices
+
+    monkeypatch.delattr(InductorChoices, "should_use_persistent_reduction")
+    monkeypatch.setattr(heuristics, "_unet_choices", None)
+    before = V.choices
+    with heuristics.active():
+        assert V.choices is before

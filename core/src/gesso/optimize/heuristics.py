@@ -32,21 +32,27 @@ ENABLED = True
 
 
 def _choices_class() -> type:
+    """``UNetChoices``; an ImportError or AttributeError where this torch's Inductor has no such
+    choice to make (then :func:`active` leaves Inductor as it is)."""
     from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+
+    if not hasattr(InductorChoices, "should_use_persistent_reduction"):
+        raise AttributeError("this torch's Inductor chooses persistent reductions elsewhere")
 
     class UNetChoices(InductorChoices):
         """Inductor's choices, but rows of up to ``PERSISTENT_ROW_LIMIT`` elements reduce persistently."""
 
         def should_use_persistent_reduction(self, features: Any, *args: Any, **kwargs: Any) -> bool:
-            from torch._inductor.runtime.hints import ReductionHint
-
             if super().should_use_persistent_reduction(features, *args, **kwargs):
                 return True
-            if features.get_reduction_hint() != ReductionHint.INNER:
-                return False
             from torch._inductor.virtualized import V
 
-            return bool(V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_LIMIT))
+            try:
+                along_rows = features.get_reduction_hint() == ReductionHint.INNER
+                return along_rows and bool(V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_LIMIT))
+            except AttributeError:  # another torch's description of a kernel: Inductor's choice stands
+                return False
 
         def uuid(self) -> str:  # part of Inductor's cache key where the torch version asks for it
             return f"gesso-{signature()}"
