@@ -142,3 +142,50 @@ def test_graph_output_copies_survive_the_next_replay():
     static.sample.fill_(5)
     assert copied[0].sample.tolist() == [1.0, 1.0]
     assert copied[1][0].tolist() == [1.0, 1.0] and copied[2]["x"].tolist() == [1.0, 1.0]
+
+
+def test_cuda_graph_wraps_the_hot_loop_and_the_per_image_modules_in_one_pool(folder):
+    from gesso.optimize.cuda_graph import GraphedForward, cuda_graph
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    cuda_graph(pipeline, get_host().registry.families["sd15"].execution_policy)
+
+    graphed = {name: module.forward for name, module in pipeline.modules()} | {"vae.decoder": pipeline.vae.decoder.forward}
+    assert all(isinstance(graphed[name], GraphedForward) for name in ("unet", "text_encoder", "vae.decoder"))
+    assert not isinstance(pipeline.vae.forward, GraphedForward)  # encode + decode: only its decoder runs per image
+    assert len({id(graphed[name].pool) for name in ("unet", "text_encoder", "vae.decoder")}) == 1
+    assert len(graphed["unet"].weights) == len(pipeline.unet.state_dict())  # every weight the graph reads is watched
+
+
+def test_per_image_paths_reach_submodules_and_skip_missing_components(folder):
+    from gesso.contract import ExecutionPolicy
+    from gesso.optimize import per_image_modules
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    policy = ExecutionPolicy(per_image=("text_encoder", "vae.decoder", "text_encoder_2", "vae.missing"))
+    assert per_image_modules(pipeline, policy) == {"text_encoder": pipeline.text_encoder, "vae.decoder": pipeline.vae.decoder}
+
+
+def test_graphed_weights_that_move_are_noticed():
+    """Offload lends weights to the GPU anew for every image and ``to(dtype)`` replaces them; a graph
+    captured on the old addresses would read freed memory, so each call compares addresses."""
+    from gesso.optimize.cuda_graph import GraphedForward
+
+    module = torch.nn.Linear(4, 4)
+    graphed = GraphedForward(module.forward, module)
+    captured = graphed.placement
+    assert graphed._placement() == captured
+    module.to(torch.float64)
+    assert graphed._placement() != captured
+
+
+def test_cuda_graph_keeps_a_vae_that_decodes_in_float32_there(tiny_checkpoint):
+    """SDXL decodes in float32 (``force_upcast``) by casting the VAE per image; under graphs the cast
+    is made once, so the decoder's weights stay where its graph reads them."""
+    from gesso.optimize.cuda_graph import cuda_graph
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(tiny_checkpoint("sdxl"), torch_dtype=torch.float16)
+    assert pipeline.vae.config.force_upcast and pipeline.vae.dtype == torch.float16
+    cuda_graph(pipeline, get_host().registry.families["sdxl"].execution_policy)
+    assert pipeline.vae.dtype == torch.float32 and pipeline.unet.dtype == torch.float16
+    assert pipeline.text_encoder_2.forward.pool is pipeline.vae.decoder.forward.pool

@@ -253,3 +253,63 @@ def test_wide_layer_norm_rows_compile_to_one_pass_kernels(tmp_path, monkeypatch,
         assert any(n.startswith("triton_red_") for n in names), names
     with torch.no_grad():
         assert relative_error(block(x, context).float(), eager.float()) < 2e-3
+
+
+def test_graphs_with_offload_give_the_images_of_graphs_alone(sd15_folder):
+    """Offload lends the UNet's weights to the GPU anew for every image; its graph must follow them
+    (a graph replayed on the first image's addresses gave a wrong second image)."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    def images(optimizations):
+        pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda")
+        optimize(pipeline, optimizations)
+        return [
+            pipeline(prompt, num_inference_steps=3, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed)).images
+            for seed, prompt in enumerate(["a red fox", "a blue whale under the sea", "a lighthouse at night"])
+        ]
+
+    graphed, offloaded = images(["cuda_graph"]), images(["cuda_graph", "offload"])
+    for index, (a, b) in enumerate(zip(offloaded, graphed)):
+        assert float((a - b).abs().max()) < 1e-3, f"image {index}"
+
+
+def test_graphed_text_encoder_and_decoder_give_the_eager_results(sd15_folder):
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda")
+    device = torch.device("cuda")
+    latents = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        eager = [pipeline.encode_prompt(p, device, 1, True, "blurry") for p in ("a cat", "a dog")], pipeline.decode(latents, None)
+        optimize(pipeline, ["cuda_graph"])
+        graphed = [pipeline.encode_prompt(p, device, 1, True, "blurry") for p in ("a cat", "a dog")], pipeline.decode(latents, None)
+    assert pipeline.text_encoder.forward.captures == 1 and pipeline.vae.decoder.forward.captures == 1
+    for (positive, negative), (graphed_positive, graphed_negative) in zip(eager[0], graphed[0]):
+        torch.testing.assert_close(graphed_positive, positive, rtol=0, atol=1e-3)
+        torch.testing.assert_close(graphed_negative, negative, rtol=0, atol=1e-3)
+    assert not torch.equal(eager[0][0][0], eager[0][1][0])  # two prompts, two embeddings: the graph replays new inputs
+    torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-3)
+
+
+def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+    from gesso_sdxl.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "sdxl")
+
+    def images(optimizations):
+        pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+        optimize(pipeline, optimizations)
+        results = [
+            pipeline("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(s)) for s in (0, 1)
+        ]
+        return [result.images for result in results], pipeline
+
+    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
+    assert pipeline.vae.dtype == torch.float32
+    assert pipeline.vae.decoder.forward.captures == 1 and pipeline.text_encoder_2.forward.captures == 1
+    for a, b in zip(graphed, plain):
+        assert abs(a - b).max() < 1e-3

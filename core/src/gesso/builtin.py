@@ -90,7 +90,13 @@ OPTIMIZATIONS = (
     ),
     ("compile_full", "gesso.optimize.compile:compile_full", "torch.compile of each hot-loop module as one graph", ("cuda", "cpu"), 61),
     ("compile_vae", "gesso.optimize.compile:compile_vae", "torch.compile of the VAE decoder's blocks", ("cuda", "cpu"), 62),
-    ("cuda_graph", "gesso.optimize.cuda_graph:cuda_graph", "replay the denoiser call from a captured CUDA graph", ("cuda",), 80),
+    (
+        "cuda_graph",
+        "gesso.optimize.cuda_graph:cuda_graph",
+        "replay the denoiser, the text encoders and the VAE decoder from captured CUDA graphs",
+        ("cuda",),
+        80,
+    ),
     (
         "offload",
         "gesso.optimize.offload:model_cpu_offload",

@@ -30,13 +30,16 @@ class ExecutionPolicy:
     ``float32_components`` always stay in float32; ``float32_when`` maps a component to a config key
     of that component which, when true, keeps it in float32 at run time (SDXL's VAE ``force_upcast``);
     ``offload_order`` is the order components run in (for model CPU offload); ``hot_loop`` names the
-    modules called every denoising step (the targets of compilation and CUDA graphs).
+    modules called every denoising step (the targets of compilation and CUDA graphs); ``per_image``
+    names modules called a few times per image with fixed shapes (text encoders, ``"vae.decoder"``),
+    which CUDA graphs replay too.
     """
 
     float32_components: tuple[str, ...] = ()
     float32_when: Mapping[str, str] = field(default_factory=dict)
     offload_order: tuple[str, ...] = ()
     hot_loop: tuple[str, ...] = ("unet",)
+    per_image: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,22 @@ def test_half_precision_maps_are_normalised_in_float32():
 
 
 def test_chunk_counts_divide_the_map_and_leave_large_power_of_two_maps_to_inductor():
+    unet_batch = 2 * 32  # statistics of a UNet step with guidance
     for side in (64, 128, 256):
-        assert pixel_chunks(side * side) == 1
+        assert pixel_chunks(side * side, unet_batch, 10) == 1
     for height, width in ((8, 8), (16, 16), (32, 32), (12, 12), (24, 24), (48, 48), (96, 96), (7, 9), (50, 70)):
-        chunks = pixel_chunks(height * width)
+        chunks = pixel_chunks(height * width, unet_batch, 10)
         assert (height * width) % chunks == 0
-    assert pixel_chunks(32 * 32) > 1 and pixel_chunks(96 * 96) > pixel_chunks(24 * 24) > 1
+    assert pixel_chunks(32 * 32, unet_batch, 10) > 1 and pixel_chunks(96 * 96, unet_batch, 10) > pixel_chunks(24 * 24, unet_batch, 10) > 1
+
+
+def test_one_images_large_maps_are_chunked_where_its_small_ones_are_not():
+    one_image = 32
+    assert pixel_chunks(64 * 64, one_image, 16) == 1  # a VAE decoder's 64x64 map of 512 channels
+    for side, channels_per_group in ((128, 16), (256, 8), (512, 4), (1024, 4)):
+        assert pixel_chunks(side * side, one_image, channels_per_group) == normalization.LARGE_MAP_CHUNKS
+    assert pixel_chunks(90 * 90, one_image, 64) == 4  # reduced to a divisor of the pixel count
+    assert pixel_chunks(128 * 128, 2 * one_image, 16) == 1  # two images: Inductor's own split
 
 
 @pytest.fixture

@@ -24,6 +24,19 @@ def hot_loop_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in modules.items() if isinstance(m, torch.nn.Module)}
 
 
+def per_image_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
+    """The modules run once per image with fixed shapes: the family's ``per_image`` paths
+    (``"vae.decoder"`` reaches a submodule), those the pipeline has."""
+    modules = {}
+    for path in policy.per_image:
+        module = pipeline
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, torch.nn.Module):
+            modules[path] = module
+    return modules
+
+
 def channels_last(pipeline: Any, policy: Any) -> None:
     """Convolutions in NHWC memory order, which cuDNN's tensor-core kernels read without transposes."""
     for module in [*hot_loop_modules(pipeline, policy).values(), getattr(pipeline, "vae", None)]:

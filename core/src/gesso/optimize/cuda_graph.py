@@ -1,22 +1,31 @@
-"""CUDA-graph capture of the denoiser call.
+"""CUDA-graph capture of the modules a generation calls with fixed shapes.
 
-A denoising step of a 512x512 model launches about a thousand kernels; replaying them as one
-captured graph removes the CPU launch cost between them. The graph is captured per input
-signature (shapes, dtypes, devices and non-tensor arguments) on first use, after warm-up on a
-side stream, and replayed with the inputs copied into its static buffers. The scheduler step stays
-outside: its per-step constants are Python values, and it is a few element-wise kernels.
+A denoising step of a 512x512 model launches about a thousand kernels and a CLIP text encoder a few
+hundred; replaying them as one captured graph removes the CPU launch cost between them. A graph is
+captured per input signature (shapes, dtypes, devices and non-tensor arguments) on first use, after
+warm-up on a side stream, and replayed with the inputs copied into its static buffers. The
+scheduler step stays outside: its per-step constants are Python values, and it is a few
+element-wise kernels.
+
+A graph reads the weights at the addresses they had when it was captured. Whatever moves them
+(model CPU offload lends them to the GPU anew for every image; ``module.to(dtype)`` replaces them)
+makes the graph stale, so each call compares the weights' addresses with the captured ones and
+captures again when they differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from gesso.optimize import hot_loop_modules
+from gesso.optimize import hot_loop_modules, per_image_modules
+
+logger = logging.getLogger("gesso")
 
 WARMUP_CALLS = 2
 
@@ -38,19 +47,48 @@ def _signature(flat: list[Any]) -> tuple[Any, ...]:
     return tuple((tuple(x.shape), x.dtype, x.device, x.stride()) if isinstance(x, torch.Tensor) else x for x in flat)
 
 
-class GraphedForward:
-    """Wraps a module's ``forward``; captures one graph per input signature and replays it."""
+class GraphPool:
+    """The memory pool that a pipeline's graphs share.
 
-    def __init__(self, forward: Callable[..., Any]) -> None:
+    Sharing is safe because the graphs replay one after another on one stream and every replay's
+    output is copied out before the next replay: a graph's intermediates may reuse another graph's
+    intermediates, never its static inputs or outputs, which stay referenced. One pool keeps the
+    memory of the text encoders', the UNet's and the decoder's graphs to what the largest needs.
+    """
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+
+class GraphedForward:
+    """Wraps a module's ``forward``; captures one graph per input signature and replays it.
+
+    ``module`` is the module whose weights the graphs read: when any of them has moved since the
+    capture, the graphs are dropped and captured again.
+    """
+
+    def __init__(self, forward: Callable[..., Any], module: torch.nn.Module | None = None, pool: GraphPool | None = None) -> None:
         self.forward = forward
+        self.weights = list(dict.fromkeys([*module.parameters(), *module.buffers()])) if module is not None else []
+        self.placement: tuple[int, ...] = self._placement()
         self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
-        self.pool = None
+        self.pool = pool if pool is not None else GraphPool()
+        self.captures = 0
+
+    def _placement(self) -> tuple[int, ...]:
+        return tuple(map(torch.Tensor.data_ptr, self.weights))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if not tensors or tensors[0].device.type != "cuda" or torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
+        placement = self._placement()
+        if placement != self.placement:
+            if self.graphs:
+                logger.debug("weights moved since their CUDA graphs were captured: capturing again")
+            self.graphs.clear()
+            self.placement = placement
         key = (_signature(flat), spec)
         if key not in self.graphs:
             self.graphs[key] = self._capture(flat, spec)
@@ -71,14 +109,31 @@ class GraphedForward:
                 self.forward(*args, **kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool.handle):
             static_out = self.forward(*args, **kwargs)
-        self.pool = graph.pool()
+        if self.pool.handle is None:
+            self.pool.handle = graph.pool()
+        self.captures += 1
         return graph, static_flat, static_out
 
 
+def _keep_float32(pipeline: Any, policy: Any, path: str) -> None:
+    """Cast a component that the family runs in float32 at run time (SDXL's VAE with ``force_upcast``)
+    once, now: its per-image cast would move the weights and make every image capture anew."""
+    component = path.split(".")[0]
+    module = getattr(pipeline, component, None)
+    key = policy.float32_when.get(component)
+    if key and isinstance(module, torch.nn.Module) and getattr(module.config, key, False) and module.dtype != torch.float32:
+        module.to(dtype=torch.float32)
+
+
 def cuda_graph(pipeline: Any, policy: Any) -> None:
-    """Replay each hot-loop module's forward from a CUDA graph (static shapes per signature)."""
-    for module in hot_loop_modules(pipeline, policy).values():
+    """Replay the hot loop's modules and the family's ``per_image`` modules (text encoders, the VAE
+    decoder) from CUDA graphs captured per input signature, all in one memory pool."""
+    pool = GraphPool()
+    for path in policy.per_image:
+        _keep_float32(pipeline, policy, path)
+    modules = {**hot_loop_modules(pipeline, policy), **per_image_modules(pipeline, policy)}
+    for module in modules.values():
         if not isinstance(module.forward, GraphedForward):
-            module.forward = GraphedForward(module.forward)
+            module.forward = GraphedForward(module.forward, module, pool)

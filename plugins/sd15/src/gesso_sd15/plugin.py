@@ -17,7 +17,11 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
             pipeline_class_names=("StableDiffusionPipeline",),
             description="Stable Diffusion 1.x (512x512, one CLIP text encoder)",
             config_defaults="gesso_sd15:defaults.yaml",
-            execution_policy=ExecutionPolicy(offload_order=("text_encoder", "unet", "vae", "safety_checker"), hot_loop=("unet",)),
+            execution_policy=ExecutionPolicy(
+                offload_order=("text_encoder", "unet", "vae", "safety_checker"),
+                hot_loop=("unet",),
+                per_image=("text_encoder", "vae.decoder"),
+            ),
             tiny_checkpoint="gesso_sd15.tiny:write_tiny_checkpoint",
         )
     )

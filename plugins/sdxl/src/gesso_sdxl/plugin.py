@@ -36,6 +36,7 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
                 float32_when={"vae": "force_upcast"},
                 offload_order=("text_encoder", "text_encoder_2", "unet", "vae"),
                 hot_loop=("unet",),
+                per_image=("text_encoder", "text_encoder_2", "vae.decoder"),
             ),
             tiny_checkpoint="gesso_sdxl.tiny:write_tiny_checkpoint",
         )
