@@ -40,7 +40,7 @@ def bench(family: str, root: Path) -> dict[str, Any]:
         pipeline = None
         free()
     for label, seconds in result["e2e_s"].items():
-        print(f"[{family}] {label:32s} {seconds:7.3f} s  peak {result['peak_gib'][label]:.2f} GiB", flush=True)
+        print(f"[{family}] {label:32s} {seconds:7.3f} s  peak held {result['peak_gib'][label]:.2f} GiB", flush=True)
     return result
 
 
