@@ -189,3 +189,53 @@ def test_cuda_graph_keeps_a_vae_that_decodes_in_float32_there(tiny_checkpoint):
     cuda_graph(pipeline, get_host().registry.families["sdxl"].execution_policy)
     assert pipeline.vae.dtype == torch.float32 and pipeline.unet.dtype == torch.float16
     assert pipeline.text_encoder_2.forward.pool is pipeline.vae.decoder.forward.pool
+
+
+def test_a_plugins_optimization_gets_the_options_of_the_run_config(folder, tmp_path, plugin_host):
+    """``optimization_options.<name>`` reaches ``apply`` as keyword options; misspelt ones are refused
+    by name before the model loads."""
+    import gesso
+    from gesso.contract import OptimizationSpec
+    from gesso.hookspecs import hookimpl
+
+    received = []
+
+    class Plugin:
+        @hookimpl
+        def register_optimizations(self, register):
+            def apply(pipeline, policy, strength=1):
+                received.append(strength)
+
+            register(OptimizationSpec(name="sharpen", apply=apply, devices=("cpu",), options={"strength": 1}))
+
+    plugin_host("gesso_sd15.plugin", Plugin())
+    base = {"model": str(folder), "prompt": "a cat", "num_inference_steps": 1, "output": {"dir": str(tmp_path)}}
+    gesso.run({**base, "optimizations": ["sharpen"], "optimization_options": {"sharpen": {"strength": 3}}}, write=False)
+    gesso.run({**base, "optimizations": ["sharpen"]}, write=False)
+    assert received == [3, 1]
+    with pytest.raises(ConfigError, match=r"optimization_options\.sharpen\.strenght: unknown option \(did you mean 'strength'\?\)"):
+        gesso.run({**base, "optimizations": ["sharpen"], "optimization_options": {"sharpen": {"strenght": 3}}}, write=False)
+    with pytest.raises(ConfigError, match=r"optimization_options\.sharpen: optimization 'sharpen' is not chosen"):
+        gesso.run({**base, "optimization_options": {"sharpen": {"strength": 3}}}, write=False)
+    with pytest.raises(ConfigError, match=r"optimization_options\.fuse_qkv\.x: unknown option; 'fuse_qkv' takes no options"):
+        gesso.run({**base, "optimizations": ["fast"], "optimization_options": {"fuse_qkv": {"x": 1}}}, write=False)
+    assert len(received) == 2  # refused before anything ran
+
+
+def test_compile_modes_reach_torch_compile_and_graph_capturing_modes_are_refused(folder, monkeypatch):
+    from gesso.optimize import compile as compile_module
+
+    assert "mode" not in compile_module.options()  # Inductor's default
+    assert compile_module.options("max-autotune-no-cudagraphs")["mode"] == "max-autotune-no-cudagraphs"
+    monkeypatch.setenv("GESSO_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert compile_module.options()["mode"] == "max-autotune-no-cudagraphs"  # the variable fills in the default only
+    monkeypatch.delenv("GESSO_COMPILE_MODE")
+
+    compiled_modes = []
+    monkeypatch.setattr(compile_module, "compile_blocks", lambda module, mode="default": compiled_modes.append(mode))
+    monkeypatch.setenv("GESSO_COMPILE_CACHE", "off")
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    optimize(pipeline, ["fast"], options={"compile": {"mode": "max-autotune-no-cudagraphs"}})
+    assert compiled_modes == ["max-autotune-no-cudagraphs"]
+    with pytest.raises(ConfigError, match=r"optimization_options\.compile_full: mode 'reduce-overhead' is not supported \(it captures"):
+        optimize(pipeline, ["compile_full"], options={"compile_full": {"mode": "reduce-overhead"}})

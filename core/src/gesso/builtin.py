@@ -107,7 +107,15 @@ OPTIMIZATIONS = (
 )
 
 
+#: Keyword options of the optimizations that take some (name -> default); a run config sets them
+#: under ``optimization_options.<name>`` (the modes: ``gesso.optimize.compile.MODES``).
+OPTIONS = {name: {"mode": "default"} for name in ("compile", "compile_full", "compile_vae")}
+
+
 @hookimpl
 def register_optimizations(register: Callable[[OptimizationSpec], None]) -> None:
     for name, target, description, devices, order in OPTIMIZATIONS:
-        register(OptimizationSpec(name=name, apply=target, description=description, devices=devices, order=order))
+        spec = OptimizationSpec(
+            name=name, apply=target, description=description, devices=devices, order=order, options=OPTIONS.get(name, {})
+        )
+        register(spec)

@@ -56,6 +56,7 @@ class RunConfig:
     device: str = "auto"
     variant: Optional[str] = None  # noqa: UP045
     optimizations: list[str] = field(default_factory=list)
+    optimization_options: dict[str, Any] = field(default_factory=dict)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -116,6 +117,7 @@ def schema_for(registry: Registry, family_name: str | None) -> DictConfig:
     OmegaConf.set_struct(schema, False)
     schema = OmegaConf.merge(schema, OmegaConf.create(extra))
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.optimization_options, False)  # keyed by optimization: checked in validate()
     return schema
 
 
@@ -203,8 +205,28 @@ def validate(config: DictConfig, registry: Registry) -> None:
             raise ConfigError(
                 f"optimizations: unknown optimization {name!r}{did_you_mean(name, known)}; known: {', '.join(known) or 'none'}"
             )
+    check_optimization_options(OmegaConf.to_container(config.optimization_options), list(config.optimizations), registry)
     if config.prompt is not None and not isinstance(config.prompt, str) and not OmegaConf.is_list(config.prompt):
         raise ConfigError(f"prompt: must be a string or a list of strings, got {config.prompt!r}")
+
+
+def check_optimization_options(options: Mapping[str, Any], names: Sequence[str], registry: Registry) -> None:
+    """``optimization_options``: each entry names a chosen optimization (a preset's members count) and
+    only options that optimization takes."""
+    chosen = {member for name in names for member in presets(registry).get(name, [name])}
+    for name, values in options.items():
+        key = f"optimization_options.{name}"
+        if name not in registry.optimizations:
+            raise ConfigError(f"{key}: unknown optimization {name!r}{did_you_mean(name, sorted(registry.optimizations))}")
+        if name not in chosen:
+            raise ConfigError(f"{key}: optimization {name!r} is not chosen (optimizations: [{', '.join(names)}])")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{key}: must map option names to values, got {values!r}")
+        accepted = registry.optimizations[name].options
+        for option in values:
+            if option not in accepted:
+                takes = ", ".join(accepted) or "no options"
+                raise ConfigError(f"{key}.{option}: unknown option{did_you_mean(str(option), list(accepted))}; {name!r} takes {takes}")
 
 
 def presets(registry: Registry) -> dict[str, list[str]]:

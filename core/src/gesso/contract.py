@@ -124,10 +124,12 @@ class ConditionerSpec:
 
 @dataclass(frozen=True)
 class OptimizationSpec:
-    """A GPU optimization: ``apply(pipeline, **options)`` changes a loaded pipeline in place.
+    """A GPU optimization: ``apply(pipeline, policy, **options)`` changes a loaded pipeline in place.
 
     ``devices`` lists the device types it works on (``"cuda"``, ``"cpu"``); ``families`` the
     families it supports (empty = all); ``order`` sorts composition (precision before compile).
+    ``options`` are the keyword options ``apply`` accepts (name -> default), which a run config sets
+    under ``optimization_options.<name>``.
     """
 
     name: str
@@ -136,6 +138,7 @@ class OptimizationSpec:
     devices: tuple[str, ...] = ("cuda",)
     families: tuple[str, ...] = ()
     order: int = 50
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def load_apply(self) -> Callable[..., Any]:
         return load_object(self.apply)

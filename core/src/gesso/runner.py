@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gesso.config import ConfigError, build, call_keys, peek, presets, to_yaml, user_layers
+from gesso.config import ConfigError, build, call_keys, check_optimization_options, peek, presets, to_yaml, user_layers
 from gesso.plugins import PluginHost, get_host
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class PipelineCache:
             str(dtype),
             config.scheduler,
             tuple(config.optimizations),
+            repr(OmegaConf.to_container(config.optimization_options)),
             repr(attachments),
         )
         if key != self._key:
@@ -125,8 +126,9 @@ def load_pipeline(config: DictConfig, host: PluginHost, attachments: Mapping[str
 
 
 def apply_optimizations(pipeline: Any, config: DictConfig, host: PluginHost, device: Any) -> None:
-    """The run config's ``optimizations`` (see :func:`optimize`)."""
-    optimize(pipeline, list(config.optimizations), host=host, device=device, family=config.family)
+    """The run config's ``optimizations`` and ``optimization_options`` (see :func:`optimize`)."""
+    options = OmegaConf.to_container(config.optimization_options)
+    optimize(pipeline, list(config.optimizations), host=host, device=device, family=config.family, options=options)
 
 
 def optimize(
@@ -137,16 +139,20 @@ def optimize(
     device: Any = None,
     family: str | None = None,
     policy: Any = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Apply optimizations and presets by name, in their registered order, as a run config does.
 
     A name given explicitly must support the device and family (else a ConfigError says why); a
     preset (``fast``) means "what of it applies here", so its unsupported members are skipped.
+    ``options`` gives an optimization its keyword options (``{"compile": {"mode": ...}}``).
     ``device`` and ``family`` default to the pipeline's, ``policy`` to the family's execution policy.
     """
     import torch
 
     host = host or get_host()
+    options = options or {}
+    check_optimization_options(options, names, host.registry)
     family_spec = host.registry.families[family or pipeline.family]
     policy = policy or family_spec.execution_policy
     device_type = torch.device(device if device is not None else pipeline.device).type
@@ -163,7 +169,10 @@ def optimize(
         if reason:
             logger.info("preset member %s skipped: %s", name, reason)
             continue
-        spec.load_apply()(pipeline, policy)
+        try:
+            spec.load_apply()(pipeline, policy, **options.get(name, {}))
+        except ConfigError as err:  # an option's value (a compile mode) that the optimization refuses
+            raise ConfigError(f"optimization_options.{name}: {err}" if name in options else f"optimizations: {name}: {err}") from None
 
 
 def call_arguments(config: DictConfig, host: PluginHost) -> dict[str, Any]:

@@ -21,13 +21,31 @@ import torch
 
 from gesso.optimize import hot_loop_modules
 
+#: ``torch.compile`` modes the compile optimizations take (``optimization_options.compile.mode``).
+#: ``reduce-overhead`` and ``max-autotune`` are refused: they capture a CUDA graph inside each
+#: compiled block, where ``cuda_graph`` captures the whole denoiser call.
+MODES = ("default", "max-autotune-no-cudagraphs")
 
-def options() -> dict[str, Any]:
-    """Inductor in its default mode, unless ``GESSO_COMPILE_BACKEND`` (``aot_eager`` traces without
-    generating code) or ``GESSO_COMPILE_MODE`` (``max-autotune-no-cudagraphs``) say otherwise."""
+
+def options(mode: str = "default") -> dict[str, Any]:
+    """``torch.compile``'s arguments: Inductor (``GESSO_COMPILE_BACKEND=aot_eager`` traces without
+    generating code) in ``mode``; where the mode is left at ``default``, ``GESSO_COMPILE_MODE`` may
+    choose another."""
+    source = "mode"
+    if mode == "default" and os.environ.get("GESSO_COMPILE_MODE"):
+        mode, source = os.environ["GESSO_COMPILE_MODE"], "GESSO_COMPILE_MODE"
+    if mode not in MODES:
+        from gesso.config import ConfigError
+
+        why = (
+            " (it captures a CUDA graph inside each block; cuda_graph captures the whole step)"
+            if mode in ("reduce-overhead", "max-autotune")
+            else ""
+        )
+        raise ConfigError(f"{source} {mode!r} is not supported{why}; choose one of {', '.join(MODES)}")
     chosen: dict[str, Any] = {"backend": os.environ.get("GESSO_COMPILE_BACKEND", "inductor")}
-    if os.environ.get("GESSO_COMPILE_MODE"):
-        chosen["mode"] = os.environ["GESSO_COMPILE_MODE"]
+    if mode != "default":
+        chosen["mode"] = mode
     return chosen
 
 
@@ -48,12 +66,12 @@ def regions(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [module.get_submodule(name) for name in found]
 
 
-def compile_blocks(module: torch.nn.Module) -> None:
+def compile_blocks(module: torch.nn.Module, mode: str = "default") -> None:
     """Compile each region of ``module`` in place."""
     from gesso.optimize import precompiled
 
     _allow_one_graph_per_block_shape()
-    chosen = options()
+    chosen = options(mode)
     for block in regions(module):
         if precompiled.enabled():
             precompiled.precompile_block(block, chosen)
@@ -61,25 +79,26 @@ def compile_blocks(module: torch.nn.Module) -> None:
             block.compile(fullgraph=True, dynamic=False, **chosen)
 
 
-def compile_regional(pipeline: Any, policy: Any) -> None:
+def compile_regional(pipeline: Any, policy: Any, mode: str = "default") -> None:
     """``torch.compile`` each repeated block of the hot-loop modules in place; a module's first call
     compiles its blocks side by side (:mod:`gesso.optimize.parallel`)."""
     from gesso.optimize import parallel, precompiled
 
     for module in hot_loop_modules(pipeline, policy).values():
-        compile_blocks(module)
+        compile_blocks(module, mode)
         if precompiled.enabled():
             parallel.compile_together(module)
 
 
-def compile_full(pipeline: Any, policy: Any) -> None:
+def compile_full(pipeline: Any, policy: Any, mode: str = "default") -> None:
     """``torch.compile`` each hot-loop module as one graph."""
+    chosen = options(mode)
     for module in hot_loop_modules(pipeline, policy).values():
-        module.compile(fullgraph=False, dynamic=False, **options())
+        module.compile(fullgraph=False, dynamic=False, **chosen)
 
 
-def compile_vae(pipeline: Any, policy: Any) -> None:
+def compile_vae(pipeline: Any, policy: Any, mode: str = "default") -> None:
     """Compile the VAE decoder's blocks as well (the decode is a large share of a short run)."""
     vae = getattr(pipeline, "vae", None)
     if isinstance(vae, torch.nn.Module):
-        compile_blocks(vae)
+        compile_blocks(vae, mode)
