@@ -103,3 +103,33 @@ def test_state_dict_is_the_library_modules():
     ours = GroupNorm(32, 64)
     ours.load_state_dict(library.state_dict())
     assert list(ours.state_dict()) == list(library.state_dict())
+
+
+def test_a_compiled_norm_of_one_large_image_splits_each_statistic_in_sixteen(monkeypatch):
+    """A VAE decoder's norm at batch 1: 32 statistics of 4 x 256 x 256 elements each."""
+    chunk_counts = []
+    original = normalization.group_norm_in_chunks
+
+    def recording(*args, **kwargs):
+        chunk_counts.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(normalization, "group_norm_in_chunks", recording)
+    norm = GroupNorm(32, 128, eps=1e-6)
+    x = feature_map((1, 128, 256, 256), torch.float32, channels_last=True)
+
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True, dynamic=False)(x)
+
+    assert chunk_counts == [normalization.LARGE_MAP_CHUNKS]
+    torch.testing.assert_close(compiled, norm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_norm_compiled_with_dynamic_shapes_traces_its_chunk_count(chunked_calls):
+    """Chunk counts come from integer arithmetic that symbolic sizes support (``math.gcd`` does not)."""
+    norm = GroupNorm(8, 16)
+    x = feature_map((2, 16, 12, 12), torch.float32, channels_last=False)
+
+    compiled = torch.compile(norm, backend="aot_eager", fullgraph=True, dynamic=True)(x)
+
+    assert chunked_calls == [x.shape]
+    torch.testing.assert_close(compiled, norm(x), rtol=1e-5, atol=1e-5)

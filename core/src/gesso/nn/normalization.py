@@ -11,8 +11,6 @@ several programs per group. Eager calls keep the library kernel (``F.group_norm`
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -36,10 +34,18 @@ def pixel_chunks(pixels: int, statistics: int, channels_per_group: int) -> int:
     to 3.7 times faster in 16 chunks. The count is reduced to a divisor of ``pixels``.
     """
     if statistics <= ONE_IMAGE_STATISTICS and channels_per_group * pixels >= LARGE_STATISTIC:
-        return math.gcd(pixels, LARGE_MAP_CHUNKS)
+        return _dividing(pixels, LARGE_MAP_CHUNKS)
     if pixels >= 64 * 64 and pixels & (pixels - 1) == 0:
         return 1
-    return math.gcd(pixels, 8 if pixels >= 48 * 48 else 4)
+    return _dividing(pixels, 8 if pixels >= 48 * 48 else 4)
+
+
+def _dividing(pixels: int, chunks: int) -> int:
+    """The largest power of two up to ``chunks`` (one itself) that divides ``pixels``: plain integer
+    arithmetic, which a compile with dynamic shapes can trace (``math.gcd`` of a symbolic size cannot)."""
+    while pixels % chunks:
+        chunks //= 2
+    return chunks
 
 
 def group_norm_in_chunks(
