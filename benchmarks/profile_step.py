@@ -108,6 +108,12 @@ def build(family: str) -> tuple[dict[str, torch.nn.Module], Any, str]:
     return modules, step, "kandinsky" if family == "kandinsky22" else unet_family
 
 
+def is_kernel(event: Any) -> bool:
+    """A kernel that ran on the GPU: not a CPU record, and not the record Inductor puts around a
+    compiled graph's kernels (counting it would count them twice)."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and "CompiledFxGraph" not in event.key
+
+
 def device_us(event: Any) -> float:
     return float(getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0) or 0)
 
@@ -130,8 +136,7 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
             torch.cuda.synchronize()
 
     averages = prof.key_averages()
-    kernels = [e for e in averages if device_us(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [e for e in kernels if "CompiledFxGraph" not in e.key]  # a record around kernels, not one
+    kernels = [e for e in averages if device_us(e) > 0 and is_kernel(e)]
     total = sum(device_us(e) for e in kernels) / STEPS_PROFILED / 1000
     by_category: dict[str, float] = defaultdict(float)
     for e in kernels:
@@ -146,7 +151,7 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
             "us": round(e.time_range.elapsed_us(), 2),
         }
         for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and "CompiledFxGraph" not in e.name
+        if is_kernel(e)
     ]
     one_step = ordered[: len(ordered) // STEPS_PROFILED]
     report: dict[str, Any] = {

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoints import write_family  # noqa: E402
-from profile_step import category, device_us  # noqa: E402
+from profile_step import category, device_us, is_kernel  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 
@@ -53,7 +53,7 @@ def kernels_by_class(function: Any) -> dict[str, Any]:
     calls: dict[str, int] = collections.defaultdict(int)
     count = 0
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if is_kernel(event):
             classes[category(event.name)] += device_us(event) / 1000
             kernels[event.name[:110]] += device_us(event) / 1000
             calls[event.name[:110]] += 1
