@@ -45,6 +45,8 @@ def calibrate_unet(unet: torch.nn.Module, spec: dict[str, Any]) -> None:
     sample = torch.randn(1, 4, size, size, device=device, generator=generator)
     hidden = torch.randn(1, 77, spec["unet"]["cross_attention_dim"], device=device, generator=generator)
     added = None
+    if spec["unet"].get("addition_embed_type") == "image":  # Kandinsky: an image embedding, no text tokens
+        hidden, added = None, {"image_embeds": torch.randn(1, spec["unet"]["encoder_hid_dim"], device=device, generator=generator)}
     if spec["unet"].get("addition_embed_type") == "text_time":
         text = spec["unet"]["projection_class_embeddings_input_dim"] - 6 * spec["unet"]["addition_time_embed_dim"]
         added = {
@@ -114,6 +116,47 @@ def write_family(family: str, folder: Path, device: str = "cuda", dtype: torch.d
         index.update({"force_zeros_for_empty_prompt": True, "image_encoder": [None, None], "feature_extractor": [None, None]})
         index.pop("safety_checker", None)
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    del modules
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return folder
+
+
+def write_kandinsky(folder: Path, device: str = "cuda", dtype: torch.dtype = torch.float16) -> Path:
+    """Write a full-size Kandinsky 2.2 combined checkpoint (decoder + ``prior_*`` components), the
+    layout ``AutoPipelineForText2Image`` loads as ``KandinskyV22CombinedPipeline`` in both libraries."""
+    import gesso_kandinsky.unet  # noqa: F401 - registers the UNet's blocks
+    from gesso.nn import UNet2DConditionModel
+    from gesso.schedulers import DDPMScheduler, UnCLIPScheduler
+    from gesso.tiny import write_clip_tokenizer, write_model_index
+    from gesso_kandinsky.movq import VQModel
+    from gesso_kandinsky.prior_transformer import PriorTransformer
+    from gesso_kandinsky.tiny import DECODER_INDEX, PRIOR_INDEX
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    spec = architectures()["kandinsky22"]
+    vision = spec["prior_image_encoder"]
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device(device):
+        modules: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel.from_config(_clean(spec["unet"])),
+            "movq": VQModel(**_clean(spec["movq"])),
+            "prior_prior": PriorTransformer(**_clean(spec["prior"])),
+            "prior_image_encoder": CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "architectures"})
+            ),
+        }
+    modules["prior_text_encoder"] = _text_encoder(spec["prior_text_encoder"], True, device)
+    for index, module in enumerate(modules.values()):
+        fill_random(module, seed=index)
+    calibrate_unet(modules["unet"], spec)
+    for name, module in modules.items():
+        module.to(dtype).save_pretrained(folder / name)
+    write_clip_tokenizer(folder / "prior_tokenizer")
+    DDPMScheduler.from_config(_clean(spec["scheduler"])).save_pretrained(folder / "scheduler")
+    UnCLIPScheduler.from_config(_clean(spec["prior_scheduler"])).save_pretrained(folder / "prior_scheduler")
+    size = vision["image_size"]
+    CLIPImageProcessor(crop_size=size, size=size).save_pretrained(folder / "prior_image_processor")
+    write_model_index(folder, "KandinskyV22CombinedPipeline", {**DECODER_INDEX, **{f"prior_{k}": v for k, v in PRIOR_INDEX.items()}})
     del modules
     torch.cuda.empty_cache() if device == "cuda" else None
     return folder

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import architectures, write_family  # noqa: E402
+from checkpoints import architectures, write_family, write_kandinsky  # noqa: E402
 
 SIZES = {"sd15": 512, "sdxl": 1024}
-STEPS = {"sd15": 50, "sdxl": 30}
+STEPS = {"sd15": 50, "sdxl": 30, "kandinsky22": 100}  # Kandinsky: its decoder's default (and 25 prior steps)
 #: name -> (optimizations, environment for the compile step)
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "eager": ([], {}),
@@ -368,6 +368,60 @@ def bench_controlnet_end_to_end(root: Path) -> dict[str, Any]:
     return result
 
 
+def median_seconds(function: Any, repeat: int = 3) -> float:
+    """Warm seconds of one call (after a first, untimed one), device work included."""
+    function()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_kandinsky_end_to_end(root: Path) -> dict[str, Any]:
+    """Kandinsky 2.2 as a user runs it: the combined pipeline at its defaults (512x512, 25 prior
+    steps, 100 decoder steps), both libraries loading the same folder; the prior alone is timed
+    too, as it runs outside the decoder's loop."""
+    import diffusers
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    folder = write_kandinsky(root / "kandinsky22")
+    free()
+    result: dict[str, Any] = {"family": "kandinsky22 (combined)", "size": 512, "steps": STEPS["kandinsky22"], "e2e_s": {}, "peak_gib": {}}
+    result["prior_s"] = {}
+    prompt = "an astronaut in a jungle, cold color palette"
+
+    def prior_seconds(pipeline: Any) -> float:
+        prior = pipeline.prior_pipe
+        prior.set_progress_bar_config(disable=True)
+        return median_seconds(lambda: prior(prompt, generator=torch.Generator("cpu").manual_seed(0)))
+
+    reference = diffusers.AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+    result["e2e_s"]["reference eager"], result["peak_gib"]["reference eager"] = end_to_end(reference, "kandinsky22")
+    result["prior_s"]["reference eager"] = prior_seconds(reference)
+    reference = None
+    free()
+    for label, optimizations in (("gesso eager", []), ("gesso fast + compiled VAE", ["fast", "compile_vae"])):
+        ours = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, device_map="cuda")
+        optimize(ours, optimizations)
+        result["e2e_s"][label], result["peak_gib"][label] = end_to_end(ours, "kandinsky22")
+        result["prior_s"][label] = prior_seconds(ours)
+        ours = None
+        free()
+    for name, seconds in result["e2e_s"].items():
+        print(
+            f"[kandinsky22] {name}: {seconds:.3f} s end to end (prior {result['prior_s'][name] * 1000:.1f} ms), "
+            f"peak held {result['peak_gib'][name]:.2f} GiB",
+            flush=True,
+        )
+    return result
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
@@ -376,6 +430,8 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"\n{r['family']} {r['size']}x{r['size']}, float16, end to end, {r['steps']} steps, warm:")
             for name, seconds in r["e2e_s"].items():
                 lines.append(f"  {name:40s} {seconds:8.3f} s {ref_e2e / seconds:6.2f}x  peak held {r['peak_gib'][name]:.2f} GiB")
+            for name, seconds in r.get("prior_s", {}).items():
+                lines.append(f"  prior alone, {name:27s} {seconds * 1000:8.1f} ms")
             continue
         ref = r["unet_ms"]["reference eager"]
         what = "ControlNet + UNet" if r["family"] == "controlnet_sd15" else "UNet"
@@ -436,6 +492,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if "max-autotune" not in v], help="UNet variants to time")
     parser.add_argument("--controlnet-e2e", action="store_true", help="also time SD1.5 + ControlNet end to end")
+    parser.add_argument("--kandinsky-e2e", action="store_true", help="also time Kandinsky 2.2 (prior + decoder) end to end")
     parser.add_argument("--e2e", nargs="*", default=["eager", "fast", "fast + compiled VAE"], help="variants also timed end to end")
     args = parser.parse_args()
     import diffusers
@@ -476,9 +533,10 @@ def main() -> None:
             )
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         chart(results, args.out / "unet_step.png")
-    if args.controlnet_e2e:
-        results.append(bench_controlnet_end_to_end(args.scratch))
-        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    for wanted, bench in ((args.controlnet_e2e, bench_controlnet_end_to_end), (args.kandinsky_e2e, bench_kandinsky_end_to_end)):
+        if wanted:
+            results.append(bench(args.scratch))
+            (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"{meta['gpu']}, torch {meta['torch']}, diffusers {meta['diffusers']} (reference), {meta['date']}")
     print(table(results))
 

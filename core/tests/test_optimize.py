@@ -239,3 +239,18 @@ def test_compile_modes_reach_torch_compile_and_graph_capturing_modes_are_refused
     assert compiled_modes == ["max-autotune-no-cudagraphs"]
     with pytest.raises(ConfigError, match=r"optimization_options\.compile_full: mode 'reduce-overhead' is not supported \(it captures"):
         optimize(pipeline, ["compile_full"], options={"compile_full": {"mode": "reduce-overhead"}})
+
+
+def test_graphs_of_weights_that_move_after_a_call_or_two_give_way_to_eager_calls():
+    """A capture costs about WARMUP_CALLS eager calls: a module lent to the GPU for one or two calls an
+    image (a text encoder or decoder under offload) must stop capturing; a denoiser's 50 steps must not."""
+    from gesso.optimize.cuda_graph import WARMUP_CALLS, GraphedForward
+
+    for calls, eager in ((WARMUP_CALLS, True), (WARMUP_CALLS + 1, False)):
+        module = torch.nn.Linear(4, 4)
+        graphed = GraphedForward(module.forward, module)
+        graphed.graphs[("signature",)] = None
+        graphed.calls_since_capture = calls
+        graphed._weights_moved()
+        assert graphed.eager is eager and graphed.graphs == {}
+        assert torch.equal(graphed(torch.ones(4)), module(torch.ones(4)))

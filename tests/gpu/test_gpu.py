@@ -267,11 +267,49 @@ def test_graphs_with_offload_give_the_images_of_graphs_alone(sd15_folder):
         return [
             pipeline(prompt, num_inference_steps=3, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed)).images
             for seed, prompt in enumerate(["a red fox", "a blue whale under the sea", "a lighthouse at night"])
-        ]
+        ], pipeline
 
-    graphed, offloaded = images(["cuda_graph"]), images(["cuda_graph", "offload"])
+    (graphed, _), (offloaded, pipeline) = images(["cuda_graph"]), images(["cuda_graph", "offload"])
     for index, (a, b) in enumerate(zip(offloaded, graphed)):
         assert float((a - b).abs().max()) < 1e-3, f"image {index}"
+    # the UNet's 3 steps an image pay for a capture each time; the text encoder's 2 calls and the decoder's 1 do not
+    unet, text_encoder, decoder = pipeline.unet.forward, pipeline.text_encoder.forward, pipeline.vae.decoder.forward
+    assert unet.captures == 3 and not unet.eager
+    assert text_encoder.eager and decoder.eager and text_encoder.captures == decoder.captures == 1
+
+
+def test_graphed_kandinsky_prior_encoders_and_movq_give_the_eager_images(tmp_path):
+    """Kandinsky's prior runs its own 25 steps outside the decoder's loop; graphs replay it, its two
+    CLIP encoders and the MoVQ decoder, each captured once for all the images of one size."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+    from gesso_kandinsky.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "kandinsky")
+
+    def images(optimizations):
+        pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+        optimize(pipeline, optimizations)
+        results = [
+            pipeline(
+                prompt,
+                height=64,
+                width=64,
+                num_inference_steps=3,
+                prior_num_inference_steps=4,
+                output_type="np",
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images
+            for seed, prompt in enumerate(["a cat", "a lighthouse at night"])
+        ]
+        return results, pipeline
+
+    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
+    for name in ("prior_prior", "prior_text_encoder", "prior_image_encoder", "movq.decoder", "unet"):
+        module = pipeline.movq.decoder if name == "movq.decoder" else getattr(pipeline, name)
+        assert module.forward.captures == 1, name
+    for a, b in zip(graphed, plain):
+        assert abs(a - b).max() < 1e-3
 
 
 def test_graphed_text_encoder_and_decoder_give_the_eager_results(sd15_folder):

@@ -30,9 +30,11 @@ class ExecutionPolicy:
     ``float32_components`` always stay in float32; ``float32_when`` maps a component to a config key
     of that component which, when true, keeps it in float32 at run time (SDXL's VAE ``force_upcast``);
     ``offload_order`` is the order components run in (for model CPU offload); ``hot_loop`` names the
-    modules called every denoising step (the targets of compilation and CUDA graphs); ``per_image``
-    names modules called a few times per image with fixed shapes (text encoders, ``"vae.decoder"``),
-    which CUDA graphs replay too.
+    modules called at every step of a denoising loop (the targets of fusion, compilation and CUDA
+    graphs), the main denoiser first (the one conditioners such as a ControlNet run beside); ``per_image``
+    names the other modules an image calls with fixed shapes (text encoders, ``"vae.decoder"``), which
+    CUDA graphs replay too; ``image_decoder`` is the component that turns latents into pixels
+    (the VAE; Kandinsky's MoVQ), the target of the decoder's layout, compilation and tiling.
     """
 
     float32_components: tuple[str, ...] = ()
@@ -40,6 +42,7 @@ class ExecutionPolicy:
     offload_order: tuple[str, ...] = ()
     hot_loop: tuple[str, ...] = ("unet",)
     per_image: tuple[str, ...] = ()
+    image_decoder: str = "vae"
 
 
 @dataclass(frozen=True)

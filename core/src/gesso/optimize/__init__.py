@@ -39,7 +39,7 @@ def per_image_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
 
 def channels_last(pipeline: Any, policy: Any) -> None:
     """Convolutions in NHWC memory order, which cuDNN's tensor-core kernels read without transposes."""
-    for module in [*hot_loop_modules(pipeline, policy).values(), getattr(pipeline, "vae", None)]:
+    for module in [*hot_loop_modules(pipeline, policy).values(), getattr(pipeline, policy.image_decoder, None)]:
         if isinstance(module, torch.nn.Module):
             module.to(memory_format=torch.channels_last)
 
@@ -56,9 +56,9 @@ def fuse_qkv(pipeline: Any, policy: Any) -> None:
 
 def vae_tiling(pipeline: Any, policy: Any) -> None:
     """Decode large images tile by tile (memory bounded by the tile, not the image)."""
-    vae = getattr(pipeline, "vae", None)
+    vae = getattr(pipeline, policy.image_decoder, None)
     if vae is None or not hasattr(vae, "enable_tiling"):
-        raise ValueError("optimization 'vae_tiling' needs a VAE with tiled decoding")
+        raise ValueError(f"optimization 'vae_tiling' needs a VAE with tiled decoding; this pipeline's {policy.image_decoder!r} has none")
     vae.enable_tiling()
 
 

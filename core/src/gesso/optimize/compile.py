@@ -98,7 +98,7 @@ def compile_full(pipeline: Any, policy: Any, mode: str = "default") -> None:
 
 
 def compile_vae(pipeline: Any, policy: Any, mode: str = "default") -> None:
-    """Compile the VAE decoder's blocks as well (the decode is a large share of a short run)."""
-    vae = getattr(pipeline, "vae", None)
-    if isinstance(vae, torch.nn.Module):
-        compile_blocks(vae, mode)
+    """Compile the image decoder's blocks as well (the decode is a large share of a short run)."""
+    decoder = getattr(pipeline, policy.image_decoder, None)
+    if isinstance(decoder, torch.nn.Module):
+        compile_blocks(decoder, mode)

@@ -10,7 +10,9 @@ element-wise kernels.
 A graph reads the weights at the addresses they had when it was captured. Whatever moves them
 (model CPU offload lends them to the GPU anew for every image; ``module.to(dtype)`` replaces them)
 makes the graph stale, so each call compares the weights' addresses with the captured ones and
-captures again when they differ.
+captures again when they differ. A capture costs about ``WARMUP_CALLS`` eager calls; a module whose
+weights moved after serving no more calls than that (a text encoder or decoder under offload, lent
+to the GPU for one or two calls an image) runs eager from then on, as graphs cannot pay there.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class GraphedForward:
         self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
         self.pool = pool if pool is not None else GraphPool()
         self.captures = 0
+        self.calls_since_capture = 0
+        self.eager = False
 
     def _placement(self) -> tuple[int, ...]:
         return tuple(map(torch.Tensor.data_ptr, self.weights))
@@ -81,23 +85,34 @@ class GraphedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-        if not tensors or tensors[0].device.type != "cuda" or torch.is_grad_enabled():
+        if self.eager or not tensors or tensors[0].device.type != "cuda" or torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
         placement = self._placement()
         if placement != self.placement:
-            if self.graphs:
-                logger.debug("weights moved since their CUDA graphs were captured: capturing again")
-            self.graphs.clear()
+            self._weights_moved()
             self.placement = placement
+            if self.eager:
+                return self.forward(*args, **kwargs)
         key = (_signature(flat), spec)
         if key not in self.graphs:
             self.graphs[key] = self._capture(flat, spec)
+            self.calls_since_capture = 0
+        self.calls_since_capture += 1
         graph, static_flat, static_out = self.graphs[key]
         for static, value in zip(static_flat, flat):
             if isinstance(static, torch.Tensor):
                 static.copy_(value)
         graph.replay()
         return _detached_copy(static_out)
+
+    def _weights_moved(self) -> None:
+        """Drop the stale graphs; stop graphing when the last ones served too few calls to pay for their capture."""
+        if self.graphs and self.calls_since_capture <= WARMUP_CALLS:
+            self.eager = True
+            logger.debug("weights moved after %d graphed call(s): running eager from now on", self.calls_since_capture)
+        elif self.graphs:
+            logger.debug("weights moved since their CUDA graphs were captured: capturing again")
+        self.graphs.clear()
 
     def _capture(self, flat: list[Any], spec: Any) -> tuple[torch.cuda.CUDAGraph, list[Any], Any]:
         static_flat = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]

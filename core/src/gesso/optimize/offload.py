@@ -159,9 +159,9 @@ def model_cpu_offload(pipeline: Any, policy: Any, device: str | torch.device | N
         for module in conditioner.modules().values()
         if isinstance(module, torch.nn.Module) and id(module) not in listed
     ]
-    hot_loop = next((group for name, group in zip(names, groups) if name in policy.hot_loop), None)
-    if hot_loop is not None:
-        hot_loop.extend(per_step)
+    denoiser = next((group for name, group in zip(names, groups) if name == policy.hot_loop[0]), None) if policy.hot_loop else None
+    if denoiser is not None:  # conditioners' modules (a ControlNet) run beside the main denoiser
+        denoiser.extend(per_step)
     else:
         groups.extend([module] for module in per_step)
     chain = OffloadChain(groups, target)

@@ -24,7 +24,9 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
             },
             execution_policy=ExecutionPolicy(
                 offload_order=("prior_text_encoder", "prior_image_encoder", "prior_prior", "unet", "movq"),
-                hot_loop=("unet",),
+                hot_loop=("unet", "prior_prior"),  # the decoder's steps, then the prior's own 25
+                per_image=("prior_text_encoder", "prior_image_encoder", "movq.decoder"),
+                image_decoder="movq",
             ),
             tiny_checkpoint="gesso_kandinsky.tiny:write_tiny_checkpoint",
         )

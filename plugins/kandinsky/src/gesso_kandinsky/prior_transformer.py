@@ -49,6 +49,8 @@ class PriorFeedForward(nn.Module):
 class PriorBlock(nn.Module):
     """Pre-norm self-attention (biased projections) and MLP, each residual. Named ``norm1/attn1/norm3/ff``."""
 
+    compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
+
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
