@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import write_family  # noqa: E402
-from run import STEPS, end_to_end, free  # noqa: E402
+from run import SIZES, STEPS, end_to_end, free  # noqa: E402
 
 
 def bench(family: str, root: Path) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def bench(family: str, root: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="*", default=["sd15"], choices=sorted(STEPS))
+    parser.add_argument("--families", nargs="*", default=["sd15"], choices=sorted(SIZES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-bench")
     args = parser.parse_args()

@@ -351,3 +351,41 @@ def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
     assert pipeline.vae.decoder.forward.captures == 1 and pipeline.text_encoder_2.forward.captures == 1
     for a, b in zip(graphed, plain):
         assert abs(a - b).max() < 1e-3
+
+
+def test_compiled_kandinsky_prior_gives_the_eager_image_embeddings(tmp_path):
+    """The prior as a hot loop under `fast`: fused q/k/v, Inductor-compiled blocks, one graph for its steps."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+    from gesso_kandinsky.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "kandinsky")
+
+    def embeddings(optimizations):
+        pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
+        optimize(pipeline, optimizations)
+        prior = pipeline.prior_pipe
+        return [prior(prompt, generator=torch.Generator("cpu").manual_seed(0)).image_embeds.float() for prompt in ("a cat", "a dog")]
+
+    eager, fast = embeddings([]), embeddings(["fast"])
+    for a, b in zip(fast, eager):
+        assert relative_error(a, b) < 2e-2
+    assert relative_error(eager[0], eager[1]) > 0.1  # two prompts: the graph replays new inputs
+
+
+def test_a_shared_graph_pool_outlives_all_of_its_graphs():
+    """Offload can make every graph of a pipeline stale at once; capturing into their pool after the
+    last one is gone used to fail inside PyTorch's allocator (a pool known only by a graph's handle)."""
+    from gesso.optimize.cuda_graph import GraphedForward, GraphPool
+
+    pool = GraphPool()
+    first, second = torch.nn.Linear(64, 64).cuda(), torch.nn.Linear(64, 64).cuda()
+    x = torch.randn(8, 64, device="cuda")
+    with torch.no_grad():
+        graphed = GraphedForward(first.forward, first, pool)
+        graphed(x)
+        graphed.graphs.clear()
+        gc.collect()
+        again = GraphedForward(second.forward, second, pool)
+        torch.testing.assert_close(again(x), second(x))
+        assert again.captures == 1

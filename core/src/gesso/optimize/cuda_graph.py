@@ -56,10 +56,21 @@ class GraphPool:
     output is copied out before the next replay: a graph's intermediates may reuse another graph's
     intermediates, never its static inputs or outputs, which stay referenced. One pool keeps the
     memory of the text encoders', the UNet's and the decoder's graphs to what the largest needs.
+
+    The pool is a ``torch.cuda.MemPool`` owned here, so it outlives its graphs: a pool known only by
+    a graph's handle is released with its last graph, and capturing into that handle again (every
+    graph of a pipeline dropped at once, as when offload moves their weights) fails inside PyTorch.
     """
 
     def __init__(self) -> None:
-        self.handle: Any = None
+        self._memory: Any = None
+
+    @property
+    def handle(self) -> Any:
+        """The pool's id for ``torch.cuda.graph(pool=...)``; the pool is made on first use, on the GPU."""
+        if self._memory is None:
+            self._memory = torch.cuda.MemPool()
+        return self._memory.id
 
 
 class GraphedForward:
@@ -126,8 +137,6 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle):
             static_out = self.forward(*args, **kwargs)
-        if self.pool.handle is None:
-            self.pool.handle = graph.pool()
         self.captures += 1
         return graph, static_flat, static_out
 
