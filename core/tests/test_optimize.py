@@ -241,16 +241,22 @@ def test_compile_modes_reach_torch_compile_and_graph_capturing_modes_are_refused
         optimize(pipeline, ["compile_full"], options={"compile_full": {"mode": "reduce-overhead"}})
 
 
-def test_graphs_of_weights_that_move_after_a_call_or_two_give_way_to_eager_calls():
+def test_per_image_graphs_of_weights_that_move_after_a_call_or_two_give_way_to_eager_calls(folder):
     """A capture costs about WARMUP_CALLS eager calls: a module lent to the GPU for one or two calls an
-    image (a text encoder or decoder under offload) must stop capturing; a denoiser's 50 steps must not."""
-    from gesso.optimize.cuda_graph import WARMUP_CALLS, GraphedForward
+    image (a text encoder or decoder under offload) must stop capturing. A denoiser must not, even
+    after a short run: the next call may run 50 steps."""
+    from gesso.optimize.cuda_graph import WARMUP_CALLS, GraphedForward, cuda_graph
 
-    for calls, eager in ((WARMUP_CALLS, True), (WARMUP_CALLS + 1, False)):
+    for calls, per_image, eager in ((WARMUP_CALLS, True, True), (WARMUP_CALLS + 1, True, False), (1, False, False)):
         module = torch.nn.Linear(4, 4)
-        graphed = GraphedForward(module.forward, module)
+        graphed = GraphedForward(module.forward, module, give_way_to_eager=per_image)
         graphed.graphs[("signature",)] = None
         graphed.calls_since_capture = calls
         graphed._weights_moved()
         assert graphed.eager is eager and graphed.graphs == {}
         assert torch.equal(graphed(torch.ones(4)), module(torch.ones(4)))
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    cuda_graph(pipeline, get_host().registry.families["sd15"].execution_policy)
+    assert not pipeline.unet.forward.give_way_to_eager
+    assert pipeline.text_encoder.forward.give_way_to_eager and pipeline.vae.decoder.forward.give_way_to_eager

@@ -272,7 +272,7 @@ def test_graphs_with_offload_give_the_images_of_graphs_alone(sd15_folder):
     (graphed, _), (offloaded, pipeline) = images(["cuda_graph"]), images(["cuda_graph", "offload"])
     for index, (a, b) in enumerate(zip(offloaded, graphed)):
         assert float((a - b).abs().max()) < 1e-3, f"image {index}"
-    # the UNet's 3 steps an image pay for a capture each time; the text encoder's 2 calls and the decoder's 1 do not
+    # the UNet captures again for every image; the text encoder's 2 calls and the decoder's 1 an image do not pay for that
     unet, text_encoder, decoder = pipeline.unet.forward, pipeline.text_encoder.forward, pipeline.vae.decoder.forward
     assert unet.captures == 3 and not unet.eager
     assert text_encoder.eager and decoder.eager and text_encoder.captures == decoder.captures == 1

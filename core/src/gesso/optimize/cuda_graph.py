@@ -10,9 +10,10 @@ element-wise kernels.
 A graph reads the weights at the addresses they had when it was captured. Whatever moves them
 (model CPU offload lends them to the GPU anew for every image; ``module.to(dtype)`` replaces them)
 makes the graph stale, so each call compares the weights' addresses with the captured ones and
-captures again when they differ. A capture costs about ``WARMUP_CALLS`` eager calls; a module whose
-weights moved after serving no more calls than that (a text encoder or decoder under offload, lent
-to the GPU for one or two calls an image) runs eager from then on, as graphs cannot pay there.
+captures again when they differ. A capture costs about ``WARMUP_CALLS`` eager calls; a ``per_image``
+module whose weights moved after serving no more calls than that (a text encoder or decoder under
+offload, lent to the GPU for one or two calls an image) runs eager from then on, as graphs cannot pay
+there. A denoiser keeps capturing: its calls an image are the steps, which the next call may raise.
 """
 
 from __future__ import annotations
@@ -77,10 +78,17 @@ class GraphedForward:
     """Wraps a module's ``forward``; captures one graph per input signature and replays it.
 
     ``module`` is the module whose weights the graphs read: when any of them has moved since the
-    capture, the graphs are dropped and captured again.
+    capture, the graphs are dropped and captured again, or, with ``give_way_to_eager``, given up for
+    good when they served too few calls to pay for their capture.
     """
 
-    def __init__(self, forward: Callable[..., Any], module: torch.nn.Module | None = None, pool: GraphPool | None = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        module: torch.nn.Module | None = None,
+        pool: GraphPool | None = None,
+        give_way_to_eager: bool = False,
+    ) -> None:
         self.forward = forward
         self.weights = list(dict.fromkeys([*module.parameters(), *module.buffers()])) if module is not None else []
         self.placement: tuple[int, ...] = self._placement()
@@ -88,6 +96,7 @@ class GraphedForward:
         self.pool = pool if pool is not None else GraphPool()
         self.captures = 0
         self.calls_since_capture = 0
+        self.give_way_to_eager = give_way_to_eager
         self.eager = False
 
     def _placement(self) -> tuple[int, ...]:
@@ -118,7 +127,7 @@ class GraphedForward:
 
     def _weights_moved(self) -> None:
         """Drop the stale graphs; stop graphing when the last ones served too few calls to pay for their capture."""
-        if self.graphs and self.calls_since_capture <= WARMUP_CALLS:
+        if self.give_way_to_eager and self.graphs and self.calls_since_capture <= WARMUP_CALLS:
             self.eager = True
             logger.debug("weights moved after %d graphed call(s): running eager from now on", self.calls_since_capture)
         elif self.graphs:
@@ -157,7 +166,7 @@ def cuda_graph(pipeline: Any, policy: Any) -> None:
     pool = GraphPool()
     for path in policy.per_image:
         _keep_float32(pipeline, policy, path)
-    modules = {**hot_loop_modules(pipeline, policy), **per_image_modules(pipeline, policy)}
-    for module in modules.values():
-        if not isinstance(module.forward, GraphedForward):
-            module.forward = GraphedForward(module.forward, module, pool)
+    for per_image, modules in ((False, hot_loop_modules(pipeline, policy)), (True, per_image_modules(pipeline, policy))):
+        for module in modules.values():
+            if not isinstance(module.forward, GraphedForward):
+                module.forward = GraphedForward(module.forward, module, pool, give_way_to_eager=per_image)
