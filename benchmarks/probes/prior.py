@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoints import write_kandinsky  # noqa: E402
+from outside_steps import wall_ms  # noqa: E402
 from profile_step import device_us, is_kernel  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -43,17 +43,6 @@ def timed(phases: dict[str, float], counts: dict[str, int], name: str, function:
     return wrapper
 
 
-def seconds(function: Any, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 2)
-
-
 @torch.no_grad()
 def measure(folder: Path, optimizations: list[str]) -> dict[str, Any]:
     from gesso import AutoPipelineForText2Image
@@ -68,7 +57,7 @@ def measure(folder: Path, optimizations: list[str]) -> dict[str, Any]:
         return prior(PROMPT, generator=torch.Generator("cpu").manual_seed(0))
 
     call()  # warm-up, captures
-    result: dict[str, Any] = {"optimizations": optimizations, "call_ms": seconds(call)}
+    result: dict[str, Any] = {"optimizations": optimizations, "call_ms": wall_ms(call, repeat=5)}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         call()
         torch.cuda.synchronize()
