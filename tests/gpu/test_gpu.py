@@ -389,3 +389,70 @@ def test_a_shared_graph_pool_outlives_all_of_its_graphs():
         again = GraphedForward(second.forward, second, pool)
         torch.testing.assert_close(again(x), second(x))
         assert again.captures == 1
+
+
+def synchronizations(run) -> int:
+    """How many times ``run`` made the CPU wait for the GPU (PyTorch's sync debug mode, counted)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "family, scheduler",
+    [
+        ("sd15", None),
+        ("sd15", "EulerAncestralDiscreteScheduler"),
+        ("sd15", "DDPMScheduler"),
+        ("sdxl", None),
+        ("controlnet", None),
+        ("kandinsky", None),
+    ],
+    ids=["sd15-pndm", "sd15-euler-ancestral", "sd15-ddpm", "sdxl-euler", "sd15-controlnet", "kandinsky-ddpm-and-unclip-prior"],
+)
+def test_denoising_loops_never_wait_for_the_gpu(tmp_path, family, scheduler):
+    """A step that waits for the GPU stops the CPU from queueing the next one while this one runs.
+    Ancestral schedulers draw noise on the CPU at every step (for the reference's images); that
+    noise must reach the GPU without a wait, so a longer run waits no more often than a shorter one
+    (setting up a schedule may wait a few times, and for PNDM that depends on the number of steps)."""
+    import importlib
+
+    import gesso.schedulers
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    extra: dict = {}
+    if family == "controlnet":
+        from gesso import ControlNetModel
+        from gesso_controlnet.tiny import write_tiny_controlnet
+        from gesso_sd15.tiny import write_tiny_checkpoint
+
+        net = ControlNetModel.from_pretrained(write_tiny_controlnet(tmp_path / "net", seed=0), torch_dtype=torch.float16)
+        folder, extra = write_tiny_checkpoint(tmp_path / "base"), {"controlnet": net}
+        extra_call = {"image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    else:
+        folder = importlib.import_module(f"gesso_{family}.tiny").write_tiny_checkpoint(tmp_path / family)
+        extra_call = {"height": 64, "width": 64} if family == "kandinsky" else {}
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, **extra).to("cuda")
+    if scheduler is not None:
+        pipeline.scheduler = getattr(gesso.schedulers, scheduler).from_config(pipeline.scheduler.config)
+    optimize(pipeline, ["cuda_graph"])
+
+    def run(steps: int, prior_steps: int = 3) -> None:
+        if family == "kandinsky":
+            extra_call["prior_num_inference_steps"] = prior_steps
+        generator = torch.Generator("cpu").manual_seed(0)
+        pipeline("a cat", num_inference_steps=steps, output_type="latent", generator=generator, **extra_call)
+
+    run(3)  # graphs captured
+    short = synchronizations(lambda: run(3))
+    assert synchronizations(lambda: run(9)) <= short
+    if family == "kandinsky":
+        assert synchronizations(lambda: run(3, prior_steps=9)) <= short

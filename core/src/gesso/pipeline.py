@@ -17,6 +17,7 @@ import torch
 
 from gesso.conditioning import merge_step_inputs
 from gesso.images import OUTPUT_TYPES, postprocess
+from gesso.noise import randn_tensor
 from gesso.pipeline_loading import DiffusionPipeline
 
 
@@ -35,21 +36,6 @@ class Conditioning:
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def random_latents(shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Noise drawn on the generator's device (a CPU generator gives the same image on any device)."""
-    generators = generator if isinstance(generator, list) else [generator]
-    if len(generators) == 1:
-        generators = generators[0]
-    first = generators[0] if isinstance(generators, list) else generators
-    draw_device = first.device if first is not None else device
-    if first is not None and first.device.type != device.type and first.device.type != "cpu":
-        raise ValueError(f"Cannot generate a {device} tensor from a generator of type {first.device.type}.")
-    if isinstance(generators, list):
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-        return torch.cat(parts).to(device)
-    return torch.randn(shape, generator=generators, device=draw_device, dtype=dtype).to(device)
 
 
 def rescale_guidance(guided: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -161,7 +147,7 @@ class Text2ImagePipeline(DiffusionPipeline):
                 f" size of {batch}. Make sure the batch size matches the length of the generators."
             )
         if call.latents is None:
-            latents = random_latents(shape, call.generator, device, dtype)
+            latents = randn_tensor(shape, call.generator, device, dtype)
         else:
             latents = call.latents.to(device)
         return latents * self.scheduler.init_noise_sigma

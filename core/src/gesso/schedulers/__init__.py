@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gesso.noise import randn_tensor
 from gesso.scheduler_names import SHORT_NAMES
 
-from .base import LCMSchedulerOutput, SchedulerMixin, SchedulerOutput, randn_tensor
+from .base import LCMSchedulerOutput, SchedulerMixin, SchedulerOutput
 from .ddim import DDIMScheduler, LCMScheduler, PNDMScheduler
 from .ddpm import DDPMScheduler, UnCLIPScheduler
 from .deis import DEISMultistepScheduler

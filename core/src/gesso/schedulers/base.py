@@ -68,34 +68,6 @@ def check_choice(owner: str, key: str, value: Any, allowed: Sequence[Any]) -> No
         raise ValueError(f"{owner}: {key}={value!r} is not supported; choose one of {choices}")
 
 
-def randn_tensor(
-    shape: Sequence[int],
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Standard normal noise drawn exactly as the reference draws it, so seeds reproduce images.
-
-    A CPU generator draws on the CPU and the result moves to ``device``; a list of generators draws
-    one batch element from each.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    shape = tuple(shape)
-    generators = list(generator) if isinstance(generator, list | tuple) else None
-    if generators is not None and len(generators) == 1:
-        generator, generators = generators[0], None
-    first = generators[0] if generators else generator
-    draw_device = device
-    if first is not None and first.device.type != device.type:
-        if first.device.type != "cpu":
-            raise ValueError(f"cannot draw a {device} tensor from a {first.device.type} generator")
-        draw_device = torch.device("cpu")
-    if generators is not None:
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-        return torch.cat(parts, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
 def broadcast_to_sample(values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """Reshape a per-batch vector so it broadcasts against ``sample`` (trailing singleton dims)."""
     values = values.flatten()

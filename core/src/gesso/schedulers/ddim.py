@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import LCMSchedulerOutput, SchedulerOutput, check_choice, randn_tensor
+from .base import LCMSchedulerOutput, SchedulerOutput, check_choice
 from .ddpm import PREDICTION_TYPES, VPSchedulerMixin, predict_x0
 from .schedules import make_betas, spaced_timesteps
 

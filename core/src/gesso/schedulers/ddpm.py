@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import DiscreteTimeMixin, SchedulerMixin, SchedulerOutput, check_choice, randn_tensor, threshold_sample
+from .base import DiscreteTimeMixin, SchedulerMixin, SchedulerOutput, check_choice, threshold_sample
 from .schedules import add_noise_vp, make_betas, spaced_timesteps, velocity_vp
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import SchedulerOutput, check_choice, randn_tensor
+from .base import SchedulerOutput, check_choice
 from .dpm_solver import DPMSolverUpdatesMixin
 from .schedules import interp_sigmas, make_betas, training_sigmas
 

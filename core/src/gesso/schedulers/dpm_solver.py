@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import SchedulerMixin, SchedulerOutput, check_choice, randn_tensor, threshold_sample
+from .base import SchedulerMixin, SchedulerOutput, check_choice, threshold_sample
 from .kdiffusion import sigma_family
 from .schedules import (
     exponential_sigmas,

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import SchedulerOutput, check_choice, randn_tensor
+from .base import SchedulerOutput, check_choice
 from .kdiffusion import SigmaSchedulerMixin, inference_sigmas, sigma_x0
 from .schedules import make_betas, sigma_to_t, training_sigmas
 

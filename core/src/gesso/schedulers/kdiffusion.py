@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from gesso.configuration import register_to_config
+from gesso.noise import randn_tensor
 
-from .base import SchedulerMixin, SchedulerOutput, check_choice, randn_tensor
+from .base import SchedulerMixin, SchedulerOutput, check_choice
 from .schedules import (
     exponential_sigmas,
     interp_sigmas,

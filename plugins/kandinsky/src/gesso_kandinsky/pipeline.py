@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 from gesso.images import postprocess
 from gesso.loading import component_names, read_model_index, resolve_pipeline
-from gesso.pipeline import Conditioning, PipelineOutput, Text2ImagePipeline, random_latents
+from gesso.noise import randn_tensor
+from gesso.pipeline import Conditioning, PipelineOutput, Text2ImagePipeline
 from gesso.pipeline_loading import DiffusionPipeline
 from gesso.text_encoding import negative_prompts, tokenize
 
@@ -146,7 +147,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         shape = (batch, self.prior.config.embedding_dim)
         if latents is None:
-            latents = random_latents(shape, generator, device, prompt_embeds.dtype)
+            latents = randn_tensor(shape, generator, device, prompt_embeds.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"Unexpected latents shape, got {tuple(latents.shape)}, expected {shape}")
         else:
@@ -470,7 +471,7 @@ class KandinskyV22CombinedPipeline(KandinskyV22Pipeline):
     def prepare_latents(self, call: Any, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The decoder's noise is always drawn here: ``latents`` were the prior's."""
         shape = self.latent_shape(call, batch)
-        return random_latents(shape, call.generator, device, dtype) * self.scheduler.init_noise_sigma
+        return randn_tensor(shape, call.generator, device, dtype) * self.scheduler.init_noise_sigma
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
