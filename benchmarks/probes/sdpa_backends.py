@@ -24,6 +24,8 @@ def main():
         ("sd15 32^2", 2, 8, 1024, 80),
         ("sd15 16^2", 2, 8, 256, 160),
         ("sdxl cross 32^2", 2, 20, 1024, 64, 77),
+        ("sdxl cross 64^2", 2, 10, 4096, 64, 77),
+        ("sd15 cross 64^2", 2, 8, 4096, 40, 77),
     ]
     for label, B, H, N, D, *kv in shapes:
         Nk = kv[0] if kv else N

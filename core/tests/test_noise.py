@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gesso.noise import randn_tensor
 
 
