@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gesso import device_transfer
 from gesso.device_transfer import CudaRuntime
 from gesso.weights import WeightsError, load_safetensors_to_device
 from safetensors.torch import load_file, save_file
@@ -161,3 +162,21 @@ def test_tied_weights_are_left_to_module_to(tmp_path):
     model.tied.weight = model.get_parameter(embedding)  # now they share memory
     assert not assign_weights_from_files(model, [folder / "model.safetensors"], torch.device("cpu"))
     assert model.tied.weight is model.get_parameter(embedding)
+
+
+def test_page_locked_falls_back_to_plain_memory_when_refused(monkeypatch, caplog):
+    real_empty = torch.empty
+
+    def refuse_to_lock(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc: out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_to_lock)
+    monkeypatch.setattr(device_transfer, "_refusal_reported", False)
+    with caplog.at_level("WARNING", logger="gesso"):
+        block = device_transfer.page_locked((1024,), torch.uint8)
+        device_transfer.page_locked((2048,), torch.uint8)  # a second refused block is not reported again
+    assert block.numel() == 1024 and not block.is_pinned()
+    assert "page-locked memory refused" in caplog.text and "out of memory" in caplog.text
+    assert caplog.text.count("page-locked memory refused") == 1

@@ -103,21 +103,3 @@ def test_casts_made_on_either_side_are_kept(blocks):
     assert model.conv.weight.dtype == torch.float16
     torch.testing.assert_close(model.conv.weight.detach().float(), expected, rtol=0, atol=0)
     assert weights.host[0].data_ptr() == first_copy  # back in its first (page-locked) copy, not a new one
-
-
-def test_page_locked_falls_back_to_plain_memory_when_refused(monkeypatch, caplog):
-    real_empty = torch.empty
-
-    def refuse_to_lock(*args, pin_memory=False, **kwargs):
-        if pin_memory:
-            raise RuntimeError("cudaHostAlloc: out of memory")
-        return real_empty(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "empty", refuse_to_lock)
-    monkeypatch.setattr(offload, "_refusal_reported", False)
-    with caplog.at_level("WARNING", logger="gesso"):
-        block = offload.page_locked(1024)
-        offload.page_locked(2048)  # a second refused block is not reported again
-    assert block.numel() == 1024 and not block.is_pinned()
-    assert "page-locked memory refused" in caplog.text and "out of memory" in caplog.text
-    assert caplog.text.count("page-locked memory refused") == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import mmap
 import os
 import warnings
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger("gesso")
 
 _REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the device only reads the region
 
@@ -80,3 +83,19 @@ def read_only_file_view(path: Path, device: torch.device) -> Iterator[torch.Tens
         finally:
             if locked:
                 runtime.unlock(raw.data_ptr())
+
+
+_refusal_reported = False
+
+
+def page_locked(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty page-locked CPU tensor, which CUDA copies from by DMA and without waiting; plain
+    memory (slower copies, which wait) where the system refuses to lock more, said once per process."""
+    global _refusal_reported
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError as error:
+        if not _refusal_reported:
+            _refusal_reported = True
+            logger.warning("page-locked memory refused (%s); copies to the GPU take the slower path", str(error).splitlines()[0])
+        return torch.empty(shape, dtype=dtype)

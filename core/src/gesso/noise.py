@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gesso.device_transfer import page_locked
+
 __all__ = ["randn_tensor"]
 
 
@@ -37,8 +39,10 @@ def randn_tensor(
         if first.device.type != "cpu":
             raise ValueError(f"Cannot generate a {device} tensor from a generator of type {first.device.type}.")
         draw_device = torch.device("cpu")
-    pinned = draw_device.type == "cpu" and device.type == "cuda"
-    noise = torch.empty(shape, device=draw_device, dtype=dtype, pin_memory=pinned)
+    if draw_device.type == "cpu" and device.type == "cuda":
+        noise = page_locked(shape, dtype if dtype is not None else torch.get_default_dtype())
+    else:
+        noise = torch.empty(shape, device=draw_device, dtype=dtype)
     if len(generators) == 1:
         noise.normal_(generator=first)
     else:
@@ -46,4 +50,4 @@ def randn_tensor(
             raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: pass one generator per batch element")
         for row, g in zip(noise, generators, strict=True):
             row.normal_(generator=g)
-    return noise.to(device, non_blocking=pinned)
+    return noise.to(device, non_blocking=noise.is_pinned())

@@ -13,13 +13,12 @@ change weights. A tensor that was changed or replaced while on the device is cop
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-logger = logging.getLogger("gesso")
+from gesso.device_transfer import page_locked
 
 #: Page-locked memory comes in blocks of this size: CUDA's host allocator rounds every request up to
 #: a power of two, so weights are packed into equal blocks rather than locked one by one.
@@ -103,20 +102,8 @@ def _host_copies(tensors: list[torch.Tensor], allocate: Callable[[int], torch.Te
     return copies
 
 
-_refusal_reported = False
-
-
-def page_locked(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked CPU memory, which CUDA copies from by DMA; plain memory (slower
-    copies) where the system refuses to lock more, said once per process rather than per block."""
-    global _refusal_reported
-    try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    except RuntimeError as error:
-        if not _refusal_reported:
-            _refusal_reported = True
-            logger.warning("offload: page-locked memory refused (%s); copies to the GPU take the slower path", str(error).splitlines()[0])
-        return torch.empty(nbytes, dtype=torch.uint8)
+def _page_locked_block(nbytes: int) -> torch.Tensor:
+    return page_locked((nbytes,), torch.uint8)
 
 
 class OffloadChain:
@@ -130,7 +117,7 @@ class OffloadChain:
         self.groups = groups
         self.modules = [module for group in groups for module in group]
         self.device = device
-        allocate = page_locked if device.type == "cuda" else None
+        allocate = _page_locked_block if device.type == "cuda" else None
         self.weights = {id(module): HostWeights(module, allocate) for module in self.modules}
         self._group_of = {id(module): group for group in groups for module in group}
         self.active: torch.nn.Module | None = None  # the first module of the group on the device
