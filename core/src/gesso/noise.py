@@ -39,7 +39,8 @@ def randn_tensor(
         if first.device.type != "cpu":
             raise ValueError(f"Cannot generate a {device} tensor from a generator of type {first.device.type}.")
         draw_device = torch.device("cpu")
-    if draw_device.type == "cpu" and device.type == "cuda":
+    to_gpu = draw_device.type == "cpu" and device.type == "cuda"
+    if to_gpu:
         noise = page_locked(shape, dtype if dtype is not None else torch.get_default_dtype())
     else:
         noise = torch.empty(shape, device=draw_device, dtype=dtype)
@@ -50,4 +51,4 @@ def randn_tensor(
             raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: pass one generator per batch element")
         for row, g in zip(noise, generators, strict=True):
             row.normal_(generator=g)
-    return noise.to(device, non_blocking=noise.is_pinned())
+    return noise.to(device, non_blocking=to_gpu and noise.is_pinned())
