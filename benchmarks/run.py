@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -120,6 +121,15 @@ def attention_kernels(unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return sorted(n[:90] for n in names)
 
 
+def with_scheduler(pipeline: Any, name: str | None) -> Any:
+    """The pipeline with another scheduler of its own library (by class name), set up from the
+    checkpoint's scheduler config, as users switch them; ``None`` keeps the checkpoint's."""
+    if name is not None:
+        library = importlib.import_module("diffusers" if type(pipeline).__module__.startswith("diffusers") else "gesso.schedulers")
+        pipeline.scheduler = getattr(library, name).from_config(pipeline.scheduler.config)
+    return pipeline
+
+
 def end_to_end(pipeline: Any, family: str, repeat: int = 3, **extra: Any) -> tuple[float, float]:
     """Warm seconds for one image (text encoding + steps + decode) and the peak GiB of GPU memory
     held: the caching allocator's reserved memory, from an emptied cache through the warm-up and the
@@ -143,7 +153,12 @@ def end_to_end(pipeline: Any, family: str, repeat: int = 3, **extra: Any) -> tup
 
 @torch.no_grad()
 def bench_family(
-    family: str, root: Path, variants: list[str], end_to_end_variants: list[str], cold_start: list[str] | None = None
+    family: str,
+    root: Path,
+    variants: list[str],
+    end_to_end_variants: list[str],
+    cold_start: list[str] | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     folder = write_family(family, root / family)
     free()
@@ -156,6 +171,7 @@ def bench_family(
         "e2e_s": {},
         "peak_gib": {},
         "load_s": {},
+        "scheduler": scheduler or "the checkpoint's",
     }
 
     reference, _ = load_reference(folder)
@@ -164,7 +180,7 @@ def bench_family(
     result["unet_ms"]["reference eager"] = cuda_median_ms(lambda: reference.unet(*args, **kwargs))
     print(f"[{family}] reference eager: {result['unet_ms']['reference eager']:.2f} ms/step", flush=True)
     result["attention_kernels_reference"] = attention_kernels(reference.unet, args, kwargs)
-    result["e2e_s"]["reference eager"], result["peak_gib"]["reference eager"] = end_to_end(reference, family)
+    result["e2e_s"]["reference eager"], result["peak_gib"]["reference eager"] = end_to_end(with_scheduler(reference, scheduler), family)
     reference = None  # free its GPU memory before the next variant
     free()
 
@@ -176,7 +192,7 @@ def bench_family(
         saved = {k: os.environ.get(k) for k in environment}
         os.environ.update(environment)
         try:
-            measure_variant(result, folder, family, name, optimizations, end_to_end_variants)
+            measure_variant(result, folder, family, name, optimizations, end_to_end_variants, scheduler)
         except Exception as err:  # one broken variant must not lose the others' numbers
             traceback.print_exc()
             result.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
@@ -228,7 +244,13 @@ def first_image_times(folder: Path, caches: Path, steps: int, labels: list[str])
 
 
 def measure_variant(
-    result: dict[str, Any], folder: Path, family: str, name: str, optimizations: list[str], end_to_end_variants: list[str]
+    result: dict[str, Any],
+    folder: Path,
+    family: str,
+    name: str,
+    optimizations: list[str],
+    end_to_end_variants: list[str],
+    scheduler: str | None = None,
 ) -> None:
     pipeline, load_s = load_gesso(folder, optimizations)
     result["load_s"].setdefault("gesso", load_s)
@@ -244,7 +266,8 @@ def measure_variant(
     if name == "eager":
         result["attention_kernels_gesso"] = attention_kernels(pipeline.unet, args, kwargs)
     if name in end_to_end_variants:
-        result["e2e_s"][f"gesso {name}"], result["peak_gib"][f"gesso {name}"] = end_to_end(pipeline, family)
+        e2e = end_to_end(with_scheduler(pipeline, scheduler), family)
+        result["e2e_s"][f"gesso {name}"], result["peak_gib"][f"gesso {name}"] = e2e
     pipeline = None  # free its GPU memory before the next variant
 
 
@@ -442,7 +465,8 @@ def table(results: list[dict[str, Any]]) -> str:
         if "e2e_s" not in r:
             continue
         ref_e2e = r["e2e_s"]["reference eager"]
-        lines.append(f"  end to end, {r['steps']} steps, warm:")
+        scheduler = r.get("scheduler", "the checkpoint's")
+        lines.append(f"  end to end, {r['steps']} steps, scheduler: {scheduler}, warm:")
         for name, seconds in r["e2e_s"].items():
             lines.append(f"  {name:40s} {seconds:8.3f} s {ref_e2e / seconds:6.2f}x  peak held {r['peak_gib'][name]:.2f} GiB")
         lines.append(f"  warm load to GPU: reference {r['load_s']['reference']:.2f} s, gesso {r['load_s']['gesso']:.2f} s")
@@ -494,6 +518,9 @@ def main() -> None:
     parser.add_argument("--controlnet-e2e", action="store_true", help="also time SD1.5 + ControlNet end to end")
     parser.add_argument("--kandinsky-e2e", action="store_true", help="also time Kandinsky 2.2 (prior + decoder) end to end")
     parser.add_argument("--e2e", nargs="*", default=["eager", "fast", "fast + compiled VAE"], help="variants also timed end to end")
+    parser.add_argument(
+        "--scheduler", help="a scheduler class for the families' end-to-end runs, in both libraries (default: the checkpoint's)"
+    )
     args = parser.parse_args()
     import diffusers
     import transformers
@@ -513,7 +540,12 @@ def main() -> None:
     for family in args.families:  # saved after each family, so a time-out keeps what was measured
         results.append(
             bench_family(
-                family, args.scratch, args.variants, args.e2e, None if args.cold_start is None else args.cold_start or list(START_UP)
+                family,
+                args.scratch,
+                args.variants,
+                args.e2e,
+                None if args.cold_start is None else args.cold_start or list(START_UP),
+                args.scheduler,
             )
         )
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
