@@ -428,19 +428,19 @@ def test_denoising_loops_never_wait_for_the_gpu(tmp_path, family, scheduler):
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
 
-    extra: dict = {}
+    components: dict = {}
     if family == "controlnet":
         from gesso import ControlNetModel
         from gesso_controlnet.tiny import write_tiny_controlnet
         from gesso_sd15.tiny import write_tiny_checkpoint
 
         net = ControlNetModel.from_pretrained(write_tiny_controlnet(tmp_path / "net", seed=0), torch_dtype=torch.float16)
-        folder, extra = write_tiny_checkpoint(tmp_path / "base"), {"controlnet": net}
+        folder, components = write_tiny_checkpoint(tmp_path / "base"), {"controlnet": net}
         extra_call = {"image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
     else:
         folder = importlib.import_module(f"gesso_{family}.tiny").write_tiny_checkpoint(tmp_path / family)
         extra_call = {"height": 64, "width": 64} if family == "kandinsky" else {}
-    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, **extra).to("cuda")
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, **components).to("cuda")
     if scheduler is not None:
         pipeline.scheduler = getattr(gesso.schedulers, scheduler).from_config(pipeline.scheduler.config)
     optimize(pipeline, ["cuda_graph"])
