@@ -160,3 +160,13 @@ def write_kandinsky(folder: Path, device: str = "cuda", dtype: torch.dtype = tor
     del modules
     torch.cuda.empty_cache() if device == "cuda" else None
     return folder
+
+
+def existing_or_written(name: str, folder: Path) -> Path:
+    """``folder`` holding the full-size checkpoint ``name`` (``sd15``, ``sdxl`` or ``kandinsky22``),
+    written only when it holds none yet: probes run one after another share the writing."""
+    if (folder / "model_index.json").exists():
+        return folder
+    if name == "kandinsky22":
+        return write_kandinsky(folder)
+    return write_family(name, folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import write_family, write_kandinsky  # noqa: E402
+from checkpoints import existing_or_written  # noqa: E402
 
 VARIANTS = ("eager", "graphs")
 
@@ -29,10 +29,7 @@ def main(family: str, variant: str) -> None:
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
 
-    folder = Path(tempfile.gettempdir()) / "gesso-bench" / family
-    if not (folder / "model_index.json").exists():
-        writer = write_kandinsky if family == "kandinsky22" else lambda path: write_family(family, path)
-        writer(folder)
+    folder = existing_or_written(family, Path(tempfile.gettempdir()) / "gesso-bench" / family)
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, device_map="cuda")
     optimize(pipeline, [] if variant == "eager" else ["fuse_qkv", "channels_last", "cuda_graph"])
     pipeline.set_progress_bar_config(disable=True)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import write_kandinsky  # noqa: E402
+from checkpoints import existing_or_written  # noqa: E402
 from outside_steps import wall_ms  # noqa: E402
 from profile_step import device_us, is_kernel  # noqa: E402
 
@@ -89,9 +89,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "gesso-bench")
     parser.add_argument("--variants", nargs="*", default=["", "cuda_graph", "fast"], help="comma-separated optimizations per variant")
     args = parser.parse_args()
-    folder = args.scratch / "kandinsky22"
-    if not (folder / "model_index.json").exists():
-        write_kandinsky(folder)
+    folder = existing_or_written("kandinsky22", args.scratch / "kandinsky22")
     for variant in args.variants:
         print(json.dumps(measure(folder, [name for name in variant.split(",") if name])), flush=True)
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import write_kandinsky  # noqa: E402
+from checkpoints import existing_or_written  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette"
 
@@ -40,9 +40,7 @@ def main() -> None:
     from gesso.plugins import get_host
     from gesso.runner import optimize
 
-    folder = Path(tempfile.gettempdir()) / "gesso-bench" / "kandinsky22"
-    if not (folder / "model_index.json").exists():
-        write_kandinsky(folder)
+    folder = existing_or_written("kandinsky22", Path(tempfile.gettempdir()) / "gesso-bench" / "kandinsky22")
     family = get_host().registry.families["kandinsky"].execution_policy
     graphed_only = dataclasses.replace(
         family, hot_loop=("unet",), per_image=(*family.per_image, *[name for name in family.hot_loop if name != "unet"])

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import write_family, write_kandinsky  # noqa: E402
+from checkpoints import existing_or_written  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette"
 #: The modules whose schedulers draw noise at every step.
@@ -65,11 +65,7 @@ def main() -> None:
     from gesso.schedulers import EulerAncestralDiscreteScheduler
 
     root = Path(tempfile.gettempdir()) / "gesso-bench"
-    kandinsky, sd15 = root / "kandinsky22", root / "sd15"
-    if not (kandinsky / "model_index.json").exists():
-        write_kandinsky(kandinsky)
-    if not (sd15 / "model_index.json").exists():
-        write_family("sd15", sd15)
+    kandinsky, sd15 = (existing_or_written(name, root / name) for name in ("kandinsky22", "sd15"))
     results: dict[str, Any] = {}
     for label, folder in (("kandinsky22 512², 25 + 100 steps", kandinsky), ("sd15 euler ancestral, 50 steps", sd15)):
         pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, device_map="cuda")
