@@ -14,6 +14,7 @@ OPTIMIZED = [
     ["fuse_qkv", "channels_last"],
     ["fuse_qkv", "channels_last", "cuda_graph"],
     ["fuse_qkv", "channels_last", "compile", "cuda_graph"],
+    ["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"],
     ["sdpa_flash"],
     ["sdpa_cudnn"],
 ]
@@ -255,27 +256,63 @@ def test_wide_layer_norm_rows_compile_to_one_pass_kernels(tmp_path, monkeypatch,
         assert relative_error(block(x, context).float(), eager.float()) < 2e-3
 
 
-def test_graphs_with_offload_give_the_images_of_graphs_alone(sd15_folder):
-    """Offload lends the UNet's weights to the GPU anew for every image; its graph must follow them
-    (a graph replayed on the first image's addresses gave a wrong second image)."""
+def three_prompts(folder, optimizations):
+    """Three images of different prompts and seeds, 3 steps each, float16; and the pipeline."""
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
 
-    def images(optimizations):
-        pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda")
-        optimize(pipeline, optimizations)
-        return [
-            pipeline(prompt, num_inference_steps=3, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed)).images
-            for seed, prompt in enumerate(["a red fox", "a blue whale under the sea", "a lighthouse at night"])
-        ], pipeline
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, device_map="cuda")
+    optimize(pipeline, optimizations)
+    return [
+        pipeline(prompt, num_inference_steps=3, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed)).images
+        for seed, prompt in enumerate(["a red fox", "a blue whale under the sea", "a lighthouse at night"])
+    ], pipeline
 
-    (graphed, _), (offloaded, pipeline) = images(["cuda_graph"]), images(["cuda_graph", "offload"])
+
+def test_graphs_with_offload_give_the_images_of_graphs_alone(sd15_folder):
+    """Offload lends the UNet's weights to the GPU anew for every image; its graph must follow them
+    (a graph replayed on the first image's addresses gave a wrong second image)."""
+    (graphed, _), (offloaded, pipeline) = three_prompts(sd15_folder, ["cuda_graph"]), three_prompts(sd15_folder, ["cuda_graph", "offload"])
     for index, (a, b) in enumerate(zip(offloaded, graphed)):
         assert float((a - b).abs().max()) < 1e-3, f"image {index}"
     # the UNet captures again for every image; the text encoder's 2 calls and the decoder's 1 an image do not pay for that
     unet, text_encoder, decoder = pipeline.unet.forward, pipeline.text_encoder.forward, pipeline.vae.decoder.forward
     assert unet.captures == 3 and not unet.eager
     assert text_encoder.eager and decoder.eager and text_encoder.captures == decoder.captures == 1
+
+
+def test_keys_and_values_projected_once_an_image_follow_each_prompt_under_graphs_and_offload(sd15_folder):
+    """The step's graph reads the keys and values that ``cross_kv_once`` wrote before it for this
+    image's prompt: three prompts give the images of graphs alone, with offload too."""
+    graphed, _ = three_prompts(sd15_folder, ["cuda_graph"])
+    once, pipeline = three_prompts(sd15_folder, ["cuda_graph", "cross_kv_once"])
+    assert pipeline.unet.forward.projections == 3 and len(pipeline.unet.forward.forward.graphs) == 1
+    offloaded, _ = three_prompts(sd15_folder, ["cuda_graph", "cross_kv_once", "offload"])
+    for index, (a, b, c) in enumerate(zip(graphed, once, offloaded)):
+        assert float((a - b).abs().max()) < 1e-3, f"image {index}"
+        assert float((a - c).abs().max()) < 1e-3, f"image {index}, offload"
+
+
+def test_a_new_context_where_the_last_one_was_freed_is_projected_again(sd15_folder):
+    """CUDA's caching allocator hands a freed block to the next request of its size at once: the
+    last context stays referenced, so a new prompt can never pass for it by its address."""
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    plain = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda").unet
+    pipeline = AutoPipelineForText2Image.from_pretrained(sd15_folder, torch_dtype=torch.float16, device_map="cuda")
+    optimize(pipeline, ["cuda_graph", "cross_kv_once"])
+    sample = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    step = torch.tensor(500.0, device="cuda")
+    with torch.no_grad():
+        first = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+        pipeline.unet(sample, step, first)
+        del first
+        for seed in range(3):
+            context = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(seed))
+            expected = plain(sample, step, context).sample
+            assert relative_error(pipeline.unet(sample, step, context).sample.float(), expected.float()) < 1e-3, f"context {seed}"
+            del context
 
 
 def test_graphed_kandinsky_prior_encoders_and_movq_give_the_eager_images(tmp_path):
@@ -304,7 +341,7 @@ def test_graphed_kandinsky_prior_encoders_and_movq_give_the_eager_images(tmp_pat
         ]
         return results, pipeline
 
-    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
+    (plain, _), (graphed, pipeline) = three_prompts(sd15_folder, []), three_prompts(sd15_folder, ["cuda_graph"])
     for name in ("prior_prior", "prior_text_encoder", "prior_image_encoder", "movq.decoder", "unet"):
         module = pipeline.movq.decoder if name == "movq.decoder" else getattr(pipeline, name)
         assert module.forward.captures == 1, name
@@ -346,7 +383,7 @@ def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
         ]
         return [result.images for result in results], pipeline
 
-    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
+    (plain, _), (graphed, pipeline) = three_prompts(sd15_folder, []), three_prompts(sd15_folder, ["cuda_graph"])
     assert pipeline.vae.dtype == torch.float32
     assert pipeline.vae.decoder.forward.captures == 1 and pipeline.text_encoder_2.forward.captures == 1
     for a, b in zip(graphed, plain):

@@ -98,6 +98,13 @@ OPTIMIZATIONS = (
         80,
     ),
     (
+        "cross_kv_once",
+        "gesso.optimize.cross_kv:cross_kv_once",
+        "the prompt's cross-attention keys and values computed once per image, not at every step",
+        ("cuda", "cpu"),
+        85,  # around cuda_graph's replay: it runs before the step, outside the graph
+    ),
+    (
         "offload",
         "gesso.optimize.offload:model_cpu_offload",
         "keep components in CPU memory, each on the GPU only while it runs",

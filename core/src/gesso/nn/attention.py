@@ -55,6 +55,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, out_dim or query_dim, bias=out_bias), nn.Dropout(dropout)])
         self.fused: str | None = None  # "qkv" or "kv" once fuse_projections() ran
+        # The prompt's keys and values, when ``cross_kv_once`` computed them for this call's context
+        # ahead of the step (gesso.optimize.cross_kv); buffers, so that compiled code takes them as
+        # inputs. Non-persistent: the state dict keeps the published weights only.
+        self.register_buffer("text_key", None, persistent=False)
+        self.register_buffer("text_value", None, persistent=False)
 
     @torch.no_grad()
     def fuse_projections(self, self_attention: bool) -> None:
@@ -80,13 +85,21 @@ class Attention(nn.Module):
         self.register_buffer("fused_bias", bias, persistent=False)
         self.fused = "qkv" if self_attention else "kv"
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of cross-attention over ``context`` (one product once k/v are fused)."""
+        if self.fused == "kv":
+            key, value = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+            return key, value
+        return self.to_k(context), self.to_v(context)
+
     def _project(self, hidden_states: torch.Tensor, context: torch.Tensor, is_self: bool) -> tuple[torch.Tensor, ...]:
         if self.fused == "qkv" and is_self:
             return F.linear(hidden_states, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
-        if self.fused == "kv" and not is_self:
-            key, value = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
-            return self.to_q(hidden_states), key, value
-        return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        if is_self:
+            return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        if self.text_key is not None:  # computed for this very context before the step
+            return self.to_q(hidden_states), self.text_key, self.text_value
+        return self.to_q(hidden_states), *self.project_context(context)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape

@@ -304,6 +304,12 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_act = get_activation(act_fn) if norm_num_groups else None
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
 
+    @property
+    def cross_attention_context_is_input(self) -> bool:
+        """Whether every cross-attention attends to ``encoder_hidden_states`` as passed to ``forward``
+        (no ``encoder_hid_proj`` in between): what lets ``cross_kv_once`` project it ahead."""
+        return self.encoder_hid_proj is None
+
     def _time_features(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Sinusoidal features of ``timestep`` (number, 0-d or 1-d tensor), broadcast to the batch."""
         if not torch.is_tensor(timestep):

@@ -181,6 +181,9 @@ class ControlNetModel(ModelMixin):
             mid = mid_block_spec(self.config, time_embed_dim)
             self.mid_block = build_block(*mid) if mid is not None else None
 
+    #: Every cross-attention attends to ``encoder_hidden_states`` as given (``cross_kv_once``).
+    cross_attention_context_is_input = True
+
     def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             mps = sample.device.type == "mps"
@@ -252,6 +255,9 @@ class MultiControlNetModel(ModelMixin):
     def __init__(self, controlnets: Sequence[ControlNetModel]) -> None:
         super().__init__()
         self.nets = nn.ModuleList(controlnets)
+
+    #: Each net's cross-attentions attend to ``encoder_hidden_states`` as given (``cross_kv_once``).
+    cross_attention_context_is_input = True
 
     @property
     def config(self) -> Any:  # type: ignore[override]

@@ -1,0 +1,115 @@
+"""Probe: `fast` against `fast` + `cross_kv_once` (the prompt's cross-attention keys and values
+projected once per image), in one process, alternating.
+
+    python benchmarks/probes/cross_kv.py [--families sd15 sdxl controlnet]
+
+Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
+`compile_vae` on both. Per family: the denoiser step replayed from its CUDA graph (median of CUDA-event
+timings, three rounds each way, the context the same tensor at every call as in a generation), one
+image end to end (median of six each way), the largest difference between the two ways' images, and
+the memory held. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoints import _clean, architectures, existing_or_written, fill_random  # noqa: E402
+from run import cuda_median_ms, unet_inputs  # noqa: E402
+
+PROMPT = "an astronaut in a jungle, cold color palette"
+WAYS = {"fast": ["fast", "compile_vae"], "fast + cross_kv_once": ["fast", "compile_vae", "cross_kv_once"]}
+
+
+def controlnet_folder(folder: Path) -> Path:
+    """The full-size SD1.5 ControlNet with random weights, written by the reference (as ``run.py`` does)."""
+    if not (folder / "config.json").exists():
+        import diffusers
+
+        with torch.device("cuda"):
+            net = diffusers.ControlNetModel(**_clean(architectures()["controlnet_sd15"]["controlnet"]))
+        fill_random(net, 7)
+        net.half().save_pretrained(folder)
+    return folder
+
+
+def control_image() -> Any:
+    from PIL import Image
+
+    return Image.fromarray((torch.rand(512, 512, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+
+
+def load(folder: Path, names: list[str], controlnet: Path | None) -> Any:
+    from gesso import AutoPipelineForText2Image
+    from gesso.runner import optimize
+
+    extra = {}
+    if controlnet is not None:
+        from gesso_controlnet.model import ControlNetModel
+
+        extra["controlnet"] = ControlNetModel.from_pretrained(controlnet, torch_dtype=torch.float16, device_map="cuda")
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, device_map="cuda", **extra)
+    optimize(pipeline, names)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def timed_image(pipeline: Any, extra: dict[str, Any]) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    image = pipeline(PROMPT, generator=torch.Generator("cpu").manual_seed(0), output_type="pt", **extra).images
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, image
+
+
+@torch.no_grad()
+def probe(family: str, root: Path) -> dict[str, Any]:
+    base = "sd15" if family == "controlnet" else family
+    folder = existing_or_written(base, root / base)
+    controlnet = controlnet_folder(root / "controlnet_sd15") if family == "controlnet" else None
+    extra = {"image": control_image()} if controlnet is not None else {}
+    pipelines = {way: load(folder, names, controlnet) for way, names in WAYS.items()}
+    result: dict[str, Any] = {"step_ms": {way: [] for way in WAYS}, "image_s": {way: [] for way in WAYS}}
+    images: dict[str, torch.Tensor] = {}
+    for round_ in range(7):
+        for way, pipeline in pipelines.items():
+            seconds, images[way] = timed_image(pipeline, extra)
+            if round_:  # the first round compiles and captures
+                result["image_s"][way].append(seconds)
+    if controlnet is None:
+        for _ in range(3):
+            for way, pipeline in pipelines.items():
+                args, kwargs = unet_inputs(pipeline.unet, family)
+                result["step_ms"][way].append(round(cuda_median_ms(lambda p=pipeline, a=args, k=kwargs: p.unet(*a, **k)), 3))
+    result["image_s"] = {way: round(statistics.median(t), 4) for way, t in result["image_s"].items()}
+    first, second = images.values()
+    result["largest image difference"] = float((first.float() - second.float()).abs().max())
+    result["held GiB"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+    counter = pipelines["fast + cross_kv_once"].unet.forward
+    result["projections"] = getattr(counter, "projections", None)
+    del pipelines
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet"])
+    args = parser.parse_args()
+    root = Path(tempfile.gettempdir()) / "gesso-bench"
+    results = {family: probe(family, root) for family in args.families}
+    print(json.dumps(results, ensure_ascii=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
