@@ -91,6 +91,20 @@ def test_a_new_context_of_the_same_shape_and_a_view_of_the_last_one(folder):
     assert unet.forward.projections == 4
 
 
+def test_under_inference_mode_a_context_written_in_place_is_still_seen(folder):
+    """Inference tensors keep no version counter: the projections then run at every call."""
+    plain = AutoPipelineForText2Image.from_pretrained(folder)
+    pipeline = optimized(folder, "fuse_qkv", "cross_kv_once")
+    with torch.inference_mode():
+        np.testing.assert_allclose(images(pipeline, steps=3), images(plain, steps=3), atol=1e-6, rtol=0)
+        context = torch.randn(2, 77, pipeline.unet.config.cross_attention_dim)
+        unet_call(pipeline.unet, context)
+        context.mul_(2.0)
+        torch.testing.assert_close(unet_call(pipeline.unet, context), unet_call(plain.unet, context))
+    # buffers made under inference mode are written again outside it
+    np.testing.assert_allclose(images(pipeline, "a dog"), images(plain, "a dog"), atol=1e-6, rtol=0)
+
+
 def test_with_gradients_the_projections_run_at_each_call(folder):
     unet = optimized(folder, "cross_kv_once").unet
     context = torch.randn(2, 77, unet.config.cross_attention_dim)

@@ -16,6 +16,11 @@ The weights the same way (address and version). The projections run eagerly, out
 graph: this wrapper goes around ``cuda_graph``'s, so a replayed step reads the buffers where the
 capture found them. Buffers are kept per context signature (batch, tokens, dtype, device), never
 reallocated for a signature once made, because a graph captured for that signature reads them.
+
+Two cases project at every call instead: tensors made under ``torch.inference_mode`` keep no
+version counter, so a write to them cannot be seen (the step still reads the buffers, which a
+graph needs); and with gradients enabled the buffers are dropped, as the projections must then be
+part of the autograd graph (a CUDA graph steps aside there too).
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ def cross_attentions(module: torch.nn.Module) -> list[Any]:
     return found
 
 
-def _memory_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+def _memory_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Where a tensor's values are and how often they were written; ``None`` for a tensor made under
+    ``torch.inference_mode``, which keeps no version counter (its writes cannot be seen)."""
+    if tensor.is_inference():
+        return None
     return (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor._version)
 
 
@@ -69,9 +78,10 @@ class CrossKVOnce:
             return args[self.context_position]
         return None
 
-    def _weights_key(self) -> tuple[Any, ...]:
-        weights = [t for a in self.attentions for t in (a.to_k.weight, a.to_v.weight)]
-        return tuple((w.data_ptr(), w._version) for w in weights)
+    def _key(self, context: torch.Tensor) -> tuple[Any, ...] | None:
+        """What the projections depend on, or ``None`` when part of it cannot be tracked."""
+        keys = [_memory_key(t) for t in [context, *(w for a in self.attentions for w in (a.to_k.weight, a.to_v.weight))]]
+        return None if None in keys else tuple(keys)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = self._context(args, kwargs)
@@ -79,8 +89,8 @@ class CrossKVOnce:
             # nothing to project ahead, or gradients must flow through the projections
             self._clear()
             return self.forward(*args, **kwargs)
-        key = (_memory_key(context), self._weights_key())
-        if key != self.last_key:
+        key = self._key(context)
+        if key is None or key != self.last_key:  # untracked (inference tensors): projected at every call
             self._project(context)
             self.last_context, self.last_key = context, key
         return self.forward(*args, **kwargs)
@@ -91,7 +101,9 @@ class CrossKVOnce:
         projected = [attention.project_context(context) for attention in self.attentions]
         buffers = self.buffers.get(signature)
         if buffers is None:
-            buffers = self.buffers[signature] = [(key.contiguous(), value.contiguous()) for key, value in projected]
+            # Normal tensors even under inference mode, so that later calls outside it can write them.
+            with torch.inference_mode(False):
+                buffers = self.buffers[signature] = [(key.clone(), value.clone()) for key, value in projected]
         else:  # in place: graphs captured for this signature read these very buffers
             for (key_buffer, value_buffer), (key, value) in zip(buffers, projected):
                 key_buffer.copy_(key)
