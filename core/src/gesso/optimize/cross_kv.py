@@ -51,11 +51,9 @@ def cross_attentions(module: torch.nn.Module) -> list[Any]:
     return found
 
 
-def _memory_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
-    """Where a tensor's values are and how often they were written; ``None`` for a tensor made under
-    ``torch.inference_mode``, which keeps no version counter (its writes cannot be seen)."""
-    if tensor.is_inference():
-        return None
+def _memory_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Where a tensor's values are and how often they were written (``RuntimeError`` for a tensor
+    made under ``torch.inference_mode``, which keeps no version counter)."""
     return (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor._version)
 
 
@@ -65,6 +63,7 @@ class CrossKVOnce:
     def __init__(self, forward: Callable[..., Any], attentions: list[Any], context_position: int | None) -> None:
         self.forward = forward
         self.attentions = attentions
+        self.linears = [linear for attention in attentions for linear in (attention.to_k, attention.to_v)]
         self.context_position = context_position
         self.buffers: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last_context: torch.Tensor | None = None  # kept referenced: its memory stays its own
@@ -80,8 +79,11 @@ class CrossKVOnce:
 
     def _key(self, context: torch.Tensor) -> tuple[Any, ...] | None:
         """What the projections depend on, or ``None`` when part of it cannot be tracked."""
-        keys = [_memory_key(t) for t in [context, *(w for a in self.attentions for w in (a.to_k.weight, a.to_v.weight))]]
-        return None if None in keys else tuple(keys)
+        weights = [linear.weight for linear in self.linears]
+        try:
+            return _memory_key(context), tuple((w.data_ptr(), w._version) for w in weights)
+        except RuntimeError:  # inference tensors: their writes cannot be seen
+            return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = self._context(args, kwargs)
