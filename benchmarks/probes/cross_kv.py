@@ -6,7 +6,7 @@ projected once per image), in one process, alternating.
 Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
 `compile_vae` on both. Per family: the denoiser step replayed from its CUDA graph (median of CUDA-event
 timings, three rounds each way, the context the same tensor at every call as in a generation), one
-image end to end (median of six each way), the largest difference between the two ways' images, and
+image end to end (median of four each way), the largest difference between the two ways' images, and
 the memory held. Prints one JSON line.
 """
 
@@ -81,7 +81,7 @@ def probe(family: str, root: Path) -> dict[str, Any]:
     pipelines = {way: load(folder, names, controlnet) for way, names in WAYS.items()}
     result: dict[str, Any] = {"step_ms": {way: [] for way in WAYS}, "image_s": {way: [] for way in WAYS}}
     images: dict[str, torch.Tensor] = {}
-    for round_ in range(7):
+    for round_ in range(5):
         for way, pipeline in pipelines.items():
             seconds, images[way] = timed_image(pipeline, extra)
             if round_:  # the first round compiles and captures
