@@ -7,7 +7,7 @@ Full-size random weights, float16, both pipelines loaded side by side from one c
 `compile_vae` on both. Per family: the denoiser step replayed from its CUDA graph (median of CUDA-event
 timings, three rounds each way, the context the same tensor at every call as in a generation), one
 image end to end (median of four each way), the largest difference between the two ways' images, and
-the memory held. Prints one JSON line.
+the memory held. Prints one JSON line per family.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet"])
     args = parser.parse_args()
     root = Path(tempfile.gettempdir()) / "gesso-bench"
-    results = {family: probe(family, root) for family in args.families}
-    print(json.dumps(results, ensure_ascii=False), flush=True)
+    for family in args.families:  # one line each, as soon as it is measured
+        print(json.dumps({family: probe(family, root)}, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":
