@@ -38,10 +38,13 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "eager": ([], {}),
     "fused+NHWC": (["fuse_qkv", "channels_last"], {}),
     "fused+NHWC+graph": (["fuse_qkv", "channels_last", "cuda_graph"], {}),
-    "fast": (["fuse_qkv", "channels_last", "compile", "cuda_graph"], {}),
-    "fast, full-UNet compile": (["fuse_qkv", "channels_last", "compile_full", "cuda_graph"], {}),
-    "fast + compiled VAE": (["fuse_qkv", "channels_last", "compile", "compile_vae", "cuda_graph"], {}),
-    "fast, max-autotune": (["fuse_qkv", "channels_last", "compile", "cuda_graph"], {"GESSO_COMPILE_MODE": "max-autotune-no-cudagraphs"}),
+    "fast": (["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"], {}),
+    "fast, full-UNet compile": (["fuse_qkv", "channels_last", "compile_full", "cuda_graph", "cross_kv_once"], {}),
+    "fast + compiled VAE": (["fuse_qkv", "channels_last", "compile", "compile_vae", "cuda_graph", "cross_kv_once"], {}),
+    "fast, max-autotune": (
+        ["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"],
+        {"GESSO_COMPILE_MODE": "max-autotune-no-cudagraphs"},
+    ),
 }
 
 
