@@ -1,13 +1,14 @@
-"""Probe: `fast` against `fast` + `cross_kv_once` (the prompt's cross-attention keys and values
-projected once per image), in one process, alternating.
+"""Probe: `fast` with and without one optimization (default `fuse_time_projections`), in one
+process, alternating.
 
-    python benchmarks/probes/cross_kv.py [--families sd15 sdxl controlnet]
+    python benchmarks/probes/one_optimization.py [--optimization NAME] [--families sd15 sdxl controlnet]
 
 Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
-`compile_vae` on both. Per family: the denoiser step replayed from its CUDA graph (median of CUDA-event
-timings, three rounds each way, the context the same tensor at every call as in a generation), one
-image end to end (median of four each way), the largest difference between the two ways' images, and
-the memory held. Prints one JSON line per family.
+`compile_vae` on both; "without" is the `fast` preset less NAME where it is a member. Per family: the
+denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds each way, the
+inputs the same tensors at every call as in a generation), one image end to end (median of four each
+way), the largest difference between the two ways' images, and the memory held. Prints one JSON line
+per family. (It measured `cross_kv_once` before that joined `fast`.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from checkpoints import _clean, architectures, existing_or_written, fill_random 
 from run import cuda_median_ms, unet_inputs  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette"
-WAYS = {"fast": ["fast", "compile_vae"], "fast + cross_kv_once": ["fast", "compile_vae", "cross_kv_once"]}
+
+
+def ways(name: str) -> dict[str, list[str]]:
+    """The two ways compared: ``fast`` (less ``name``) + ``compile_vae``, and the same with ``name``."""
+    from gesso.optimize import PRESETS
+
+    without = [member for member in PRESETS["fast"] if member != name] + ["compile_vae"]
+    return {f"fast without {name}": without, f"fast with {name}": [*without, name]}
 
 
 def controlnet_folder(folder: Path) -> Path:
@@ -73,13 +81,13 @@ def timed_image(pipeline: Any, extra: dict[str, Any]) -> tuple[float, torch.Tens
 
 
 @torch.no_grad()
-def probe(family: str, root: Path) -> dict[str, Any]:
+def probe(family: str, root: Path, name: str) -> dict[str, Any]:
     base = "sd15" if family == "controlnet" else family
     folder = existing_or_written(base, root / base)
     controlnet = controlnet_folder(root / "controlnet_sd15") if family == "controlnet" else None
     extra = {"image": control_image()} if controlnet is not None else {}
-    pipelines = {way: load(folder, names, controlnet) for way, names in WAYS.items()}
-    result: dict[str, Any] = {"step_ms": {way: [] for way in WAYS}, "image_s": {way: [] for way in WAYS}}
+    pipelines = {way: load(folder, names, controlnet) for way, names in ways(name).items()}
+    result: dict[str, Any] = {"step_ms": {way: [] for way in pipelines}, "image_s": {way: [] for way in pipelines}}
     images: dict[str, torch.Tensor] = {}
     for round_ in range(5):
         for way, pipeline in pipelines.items():
@@ -95,8 +103,6 @@ def probe(family: str, root: Path) -> dict[str, Any]:
     first, second = images.values()
     result["largest image difference"] = float((first.float() - second.float()).abs().max())
     result["held GiB"] = round(torch.cuda.memory_reserved() / 2**30, 2)
-    counter = pipelines["fast + cross_kv_once"].unet.forward
-    result["projections"] = getattr(counter, "projections", None)
     del pipelines
     torch.cuda.empty_cache()
     return result
@@ -104,11 +110,12 @@ def probe(family: str, root: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimization", default="fuse_time_projections", help="the optimization measured")
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet"])
     args = parser.parse_args()
     root = Path(tempfile.gettempdir()) / "gesso-bench"
     for family in args.families:  # one line each, as soon as it is measured
-        print(json.dumps({family: probe(family, root)}, ensure_ascii=False), flush=True)
+        print(json.dumps({family: probe(family, root, args.optimization)}, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ OPTIMIZED = [
     ["fuse_qkv", "channels_last", "cuda_graph"],
     ["fuse_qkv", "channels_last", "compile", "cuda_graph"],
     ["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"],
+    ["fast", "fuse_time_projections"],
     ["sdpa_flash"],
     ["sdpa_cudnn"],
 ]
@@ -293,6 +294,17 @@ def test_keys_and_values_projected_once_an_image_follow_each_prompt_under_graphs
         assert float((a - c).abs().max()) < 1e-3, f"image {index}, offload"
 
 
+def test_fused_time_projections_give_the_images_of_separate_ones_under_graphs_and_offload(sd15_folder):
+    """Offload lends the joint projection and each resnet's published view of it as separate tensors."""
+    graphed, _ = three_prompts(sd15_folder, ["cuda_graph"])
+    fused, pipeline = three_prompts(sd15_folder, ["cuda_graph", "fuse_time_projections"])
+    offloaded, _ = three_prompts(sd15_folder, ["cuda_graph", "fuse_time_projections", "offload"])
+    assert pipeline.unet.time_projections is not None
+    for index, (a, b, c) in enumerate(zip(graphed, fused, offloaded)):
+        assert float((a - b).abs().max()) < 1e-3, f"image {index}"
+        assert float((a - c).abs().max()) < 1e-3, f"image {index}, offload"
+
+
 def test_a_new_context_where_the_last_one_was_freed_is_projected_again(sd15_folder):
     """CUDA's caching allocator hands a freed block to the next request of its size at once: the
     last context stays referenced, so a new prompt can never pass for it by its address."""
@@ -341,7 +353,7 @@ def test_graphed_kandinsky_prior_encoders_and_movq_give_the_eager_images(tmp_pat
         ]
         return results, pipeline
 
-    (plain, _), (graphed, pipeline) = three_prompts(sd15_folder, []), three_prompts(sd15_folder, ["cuda_graph"])
+    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
     for name in ("prior_prior", "prior_text_encoder", "prior_image_encoder", "movq.decoder", "unet"):
         module = pipeline.movq.decoder if name == "movq.decoder" else getattr(pipeline, name)
         assert module.forward.captures == 1, name
@@ -383,7 +395,7 @@ def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
         ]
         return [result.images for result in results], pipeline
 
-    (plain, _), (graphed, pipeline) = three_prompts(sd15_folder, []), three_prompts(sd15_folder, ["cuda_graph"])
+    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
     assert pipeline.vae.dtype == torch.float32
     assert pipeline.vae.decoder.forward.captures == 1 and pipeline.text_encoder_2.forward.captures == 1
     for a, b in zip(graphed, plain):

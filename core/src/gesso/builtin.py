@@ -69,6 +69,13 @@ def register_schedulers(register: Callable[[Scheduler], None]) -> None:
 #: name, target, description, devices, order (layout and fusion, then compilation, then graphs).
 OPTIMIZATIONS = (
     ("fuse_qkv", "gesso.optimize:fuse_qkv", "one matrix product for q/k/v (self-attention) and k/v (cross-attention)", ("cuda", "cpu"), 10),
+    (
+        "fuse_time_projections",
+        "gesso.optimize:fuse_time_projections",
+        "one matrix product a step for the time projections of all the UNet's (and ControlNet's) resnets",
+        ("cuda", "cpu"),
+        15,
+    ),
     ("channels_last", "gesso.optimize:channels_last", "NHWC memory format for the UNet and VAE convolutions", ("cuda", "cpu"), 20),
     ("sdpa_flash", "gesso.optimize:sdpa_flash", "attention through the flash SDPA kernel only", ("cuda",), 30),
     ("sdpa_cudnn", "gesso.optimize:sdpa_cudnn", "attention through the cuDNN SDPA kernel only", ("cuda",), 30),

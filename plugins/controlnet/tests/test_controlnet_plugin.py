@@ -273,3 +273,23 @@ def test_bad_image_types_are_refused_before_anything_runs(files):
             pipeline("a dancer", image=bad, num_inference_steps=1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'controlnet_scale'"):
         pipeline("a dancer", image=pose(), controlnet_scale=0.5, num_inference_steps=1)
+
+
+def test_fused_time_projections_reach_every_net_and_give_the_same_image(files):
+    """``fuse_time_projections`` fuses each net of a MultiControlNet as well as the UNet."""
+    from gesso.runner import optimize
+
+    def image(pipeline):
+        opened = [pose(seed=i) for i in range(2)]
+        call = dict(prompt="a dancer", num_inference_steps=2, output_type="np", height=40, width=48)
+        return pipeline(**call, image=opened, generator=torch.Generator().manual_seed(1)).images
+
+    def pipeline():
+        nets = [ControlNetModel.from_pretrained(path) for path in files["nets"]]
+        return AutoPipelineForText2Image.from_pretrained(files["base"], controlnet=nets)
+
+    plain, fused = pipeline(), pipeline()
+    optimize(fused, ["fuse_time_projections"])
+    assert fused.unet.time_projections is not None
+    assert all(net.time_projections is not None for net in fused.controlnet.nets)
+    np.testing.assert_allclose(image(fused), image(plain), atol=1e-5, rtol=0)

@@ -82,3 +82,16 @@ def test_vae_tiling_names_the_decoder_that_cannot_tile(folder):
     pipeline = AutoPipelineForText2Image.from_pretrained(folder)
     with pytest.raises((ValueError, ConfigError), match="vae_tiling.*'movq' has none"):
         optimize(pipeline, ["vae_tiling"])
+
+
+def test_fused_time_projections_cover_the_resampling_resnets_and_give_the_same_image(folder):
+    """Kandinsky's blocks resample with resnets that also take the time embedding (scale-shift)."""
+    from gesso.nn.resnet import ResnetBlock2D
+
+    plain = image(AutoPipelineForText2Image.from_pretrained(folder))
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    optimize(pipeline, ["fuse_time_projections"])
+    resnets = [m for m in pipeline.unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert pipeline.unet.time_projections is not None and all(r.time_projected for r in resnets)
+    assert any(r.resample is not None for r in resnets) and {r.time_embedding_norm for r in resnets} == {"scale_shift"}
+    np.testing.assert_allclose(image(pipeline), plain, atol=1e-5, rtol=0)

@@ -113,6 +113,8 @@ class ResnetBlock2D(nn.Module):
         self.skip_time_act = skip_time_act
         self.output_scale_factor = output_scale_factor
         self.conditional_norm = norm_factory is not None
+        # Set by fuse_time_projections: temb arrives as this resnet's projection, computed with all the others'.
+        self.time_projected = False
 
         if norm_factory is not None:
             self.norm1: nn.Module = norm_factory(in_channels)
@@ -155,9 +157,10 @@ class ResnetBlock2D(nn.Module):
 
         time_scale_shift = None
         if self.time_emb_proj is not None and temb is not None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            projected = self.time_emb_proj(temb)[:, :, None, None]
+            if self.time_projected:  # temb is already this resnet's columns of the joint projection
+                projected = temb[:, :, None, None]
+            else:
+                projected = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))[:, :, None, None]
             if self.time_embedding_norm == "default":
                 hidden_states = hidden_states + projected
             else:

@@ -29,6 +29,7 @@ from gesso.modeling import ModelMixin
 from gesso.nn.activations import get_activation
 from gesso.nn.embeddings import TextProjection, TextTimeEmbedding, TimestepEmbedding, Timesteps
 from gesso.nn.normalization import OutputGroupNorm
+from gesso.nn.time_projections import TimeProjections, fuse_resnet_time_projections
 from gesso.nn.unet_blocks import BlockSpec, build_block
 
 AdditionEmbeddingFactory = Callable[[Mapping[str, Any], int], nn.Module]
@@ -300,6 +301,7 @@ class UNet2DConditionModel(ModelMixin):
             self.up_blocks.append(build_block(name, spec))
         self.num_upsamplers = blocks - 1
 
+        self.time_projections: TimeProjections | None = None  # see fuse_time_projections
         self.conv_norm_out = OutputGroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps) if norm_num_groups else None
         self.conv_act = get_activation(act_fn) if norm_num_groups else None
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
@@ -309,6 +311,13 @@ class UNet2DConditionModel(ModelMixin):
         """Whether every cross-attention attends to ``encoder_hidden_states`` as passed to ``forward``
         (no ``encoder_hid_proj`` in between): what lets ``cross_kv_once`` project it ahead."""
         return self.encoder_hid_proj is None
+
+    def fuse_time_projections(self) -> bool:
+        """Project the time embedding for all the resnets in one product a step (the
+        ``fuse_time_projections`` optimization); False where a block does not allow it."""
+        if self.time_projections is None:
+            self.time_projections = fuse_resnet_time_projections([*self.down_blocks, self.mid_block, *self.up_blocks])
+        return self.time_projections is not None
 
     def _time_features(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Sinusoidal features of ``timestep`` (number, 0-d or 1-d tensor), broadcast to the batch."""
@@ -351,6 +360,8 @@ class UNet2DConditionModel(ModelMixin):
             emb = emb + self.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
+        if self.time_projections is not None:  # the blocks' resnets take their columns of it
+            emb = self.time_projections(emb)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states, added_cond_kwargs)
         cross = dict(

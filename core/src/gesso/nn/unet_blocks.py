@@ -19,6 +19,12 @@ the whole ``spec.config`` for anything family-specific. The built module must:
 * mid: ``block(hidden_states, temb, **cross) -> hidden_states``;
 * up: ``block(hidden_states, res_hidden_states_tuple, temb, upsample_size=None, **cross)``
   ``-> hidden_states``, and expose ``resnets`` (it consumes ``len(resnets)`` skips).
+
+A block that hands ``temb`` to nothing but its :class:`~gesso.nn.resnet.ResnetBlock2D` children may
+say so with ``time_embedding_feeds_resnets_only = True``: the ``fuse_time_projections``
+optimization then computes all their projections of it at once (:mod:`gesso.nn.time_projections`).
+Subclasses of the core blocks inherit the declaration; one that hands ``temb`` to anything else
+must set it back to False.
 """
 
 from __future__ import annotations
@@ -161,6 +167,7 @@ class DownBlock2D(nn.Module):
     """Resnets, then an optional stride-2 conv; every intermediate output becomes a skip connection."""
 
     has_cross_attention = False
+    time_embedding_feeds_resnets_only = True  # see gesso.nn.time_projections
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
@@ -220,6 +227,7 @@ class UpBlock2D(nn.Module):
     """Resnets fed with the hidden states concatenated to one skip each, then an optional 2x upsample."""
 
     has_cross_attention = False
+    time_embedding_feeds_resnets_only = True  # see gesso.nn.time_projections
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
@@ -282,6 +290,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     """Resnet, then (transformer, resnet) pairs, at the lowest resolution."""
 
     has_cross_attention = True
+    time_embedding_feeds_resnets_only = True  # see gesso.nn.time_projections
 
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()

@@ -54,6 +54,16 @@ def fuse_qkv(pipeline: Any, policy: Any) -> None:
                 attention.fuse_projections(self_attention=not name.endswith("attn2"))
 
 
+def fuse_time_projections(pipeline: Any, policy: Any) -> None:
+    """One matrix product a step for the time projections of all the resnets of each denoiser
+    (``gesso.nn.time_projections``): a denoiser offers it with a ``fuse_time_projections`` method."""
+    for module in hot_loop_modules(pipeline, policy).values():
+        for denoiser in module.modules():  # a MultiControlNet's nets too
+            fuse = getattr(denoiser, "fuse_time_projections", None)
+            if callable(fuse):
+                fuse()
+
+
 def vae_tiling(pipeline: Any, policy: Any) -> None:
     """Decode large images tile by tile (memory bounded by the tile, not the image)."""
     vae = getattr(pipeline, policy.image_decoder, None)

@@ -19,6 +19,7 @@ import torch
 from gesso.configuration import register_to_config
 from gesso.modeling import ModelMixin
 from gesso.nn.embeddings import TimestepEmbedding, Timesteps
+from gesso.nn.time_projections import TimeProjections, fuse_resnet_time_projections
 from gesso.nn.unet_2d_condition import (
     ADDITION_EMBEDDINGS,
     ENCODER_HID_PROJECTIONS,
@@ -180,9 +181,17 @@ class ControlNetModel(ModelMixin):
         else:
             mid = mid_block_spec(self.config, time_embed_dim)
             self.mid_block = build_block(*mid) if mid is not None else None
+        self.time_projections: TimeProjections | None = None  # see fuse_time_projections
 
     #: Every cross-attention attends to ``encoder_hidden_states`` as given (``cross_kv_once``).
     cross_attention_context_is_input = True
+
+    def fuse_time_projections(self) -> bool:
+        """Project the time embedding for all the resnets in one product a step (the
+        ``fuse_time_projections`` optimization); False where a block does not allow it."""
+        if self.time_projections is None:
+            self.time_projections = fuse_resnet_time_projections([*self.down_blocks, self.mid_block])
+        return self.time_projections is not None
 
     def _time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
         if not torch.is_tensor(timestep):
@@ -216,6 +225,8 @@ class ControlNetModel(ModelMixin):
         emb = self._time_embedding(sample, timestep)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {})
+        if self.time_projections is not None:  # the blocks' resnets take their columns of it
+            emb = self.time_projections(emb)
         cross = dict(
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=_mask_to_bias(attention_mask, sample.dtype),
