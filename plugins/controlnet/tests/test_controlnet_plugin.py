@@ -293,3 +293,33 @@ def test_fused_time_projections_reach_every_net_and_give_the_same_image(files):
     assert fused.unet.time_projections is not None
     assert all(net.time_projections is not None for net in fused.controlnet.nets)
     np.testing.assert_allclose(image(fused), image(plain), atol=1e-5, rtol=0)
+
+
+def test_a_scale_of_one_launches_no_multiplications_and_gives_the_same_residuals(files):
+    """Every step of a plain ControlNet run has scale 1.0: multiplying 13 residuals by it is 13 kernels for nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMultiplications(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.mul:
+                CountMultiplications.count += 1
+            return func(*args, **(kwargs or {}))
+
+    net = ControlNetModel.from_pretrained(files["nets"][0])
+    generator = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, net.config.cross_attention_dim, generator=generator)
+    side = 8 * 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)  # the embedding halves the image at each stage
+    control = torch.rand(2, 3, side, side, generator=generator)
+
+    def residuals(scale):
+        CountMultiplications.count = 0
+        with torch.no_grad(), CountMultiplications():
+            down, mid = net(sample, 10, hidden, control, conditioning_scale=scale, return_dict=False)
+        return [*down, mid], CountMultiplications.count
+
+    (at_one, multiplications_at_one), (near_one, multiplications_near_one) = residuals(1.0), residuals(1.0 + 2**-20)
+    assert multiplications_near_one - multiplications_at_one == len(at_one)
+    for a, b in zip(at_one, near_one):
+        torch.testing.assert_close(a * (1.0 + 2**-20), b)

@@ -251,7 +251,7 @@ class ControlNetModel(ModelMixin):
             scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
             down = [residual * scale for residual, scale in zip(down, scales)]
             mid = mid * scales[-1]
-        else:
+        elif not (isinstance(conditioning_scale, int | float) and conditioning_scale == 1):  # x * 1 is x: no kernels for it
             down = [residual * conditioning_scale for residual in down]
             mid = mid * conditioning_scale
         if self.config.global_pool_conditions:
