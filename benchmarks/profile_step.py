@@ -1,7 +1,7 @@
 """Where a denoiser step's GPU time goes: kernels by class, the heaviest kernels, the matrix
 products, convolutions and attentions by shape, and one step's kernels in launch order.
 
-    python benchmarks/profile_step.py --family sdxl [--optimizations fuse_qkv channels_last compile] [--out DIR] [--time]
+    python benchmarks/profile_step.py --family sdxl [--optimizations fuse_qkv fuse_time_projections channels_last compile] [--out DIR] [--time]
 
 The denoiser is built from the published config with random weights (no checkpoint needed) and
 run in float16 at batch 2 (classifier-free guidance). Run without ``cuda_graph``: a replayed graph
@@ -197,7 +197,7 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", nargs="+", default=["sd15"], choices=sorted(SIZES))
-    parser.add_argument("--optimizations", nargs="*", default=["fuse_qkv", "channels_last", "compile"])
+    parser.add_argument("--optimizations", nargs="*", default=["fuse_qkv", "fuse_time_projections", "channels_last", "compile"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--time", action="store_true", help="also time the step in a CUDA graph")
     parser.add_argument("--inductor-defaults", action="store_true", help="compile with Inductor's own heuristics")

@@ -38,11 +38,14 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "eager": ([], {}),
     "fused+NHWC": (["fuse_qkv", "channels_last"], {}),
     "fused+NHWC+graph": (["fuse_qkv", "channels_last", "cuda_graph"], {}),
-    "fast": (["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"], {}),
-    "fast, full-UNet compile": (["fuse_qkv", "channels_last", "compile_full", "cuda_graph", "cross_kv_once"], {}),
-    "fast + compiled VAE": (["fuse_qkv", "channels_last", "compile", "compile_vae", "cuda_graph", "cross_kv_once"], {}),
+    "fast": (["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "cuda_graph", "cross_kv_once"], {}),
+    "fast, full-UNet compile": (["fuse_qkv", "fuse_time_projections", "channels_last", "compile_full", "cuda_graph", "cross_kv_once"], {}),
+    "fast + compiled VAE": (
+        ["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "compile_vae", "cuda_graph", "cross_kv_once"],
+        {},
+    ),
     "fast, max-autotune": (
-        ["fuse_qkv", "channels_last", "compile", "cuda_graph", "cross_kv_once"],
+        ["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "cuda_graph", "cross_kv_once"],
         {"GESSO_COMPILE_MODE": "max-autotune-no-cudagraphs"},
     ),
 }
