@@ -4,11 +4,11 @@ process, alternating.
     python benchmarks/probes/one_optimization.py [--optimization NAME] [--families sd15 sdxl controlnet]
 
 Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
-`compile_vae` on both; "without" is the `fast` preset less NAME where it is a member. Per family: the
-denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds each way, the
-inputs the same tensors at every call as in a generation), one image end to end (median of four each
-way), the largest difference between the two ways' images, and the memory held. Prints one JSON line
-per family. (It measured `cross_kv_once` before that joined `fast`.)
+`compile_vae` on both; "without" is the core's `fast` preset less NAME where it is a member. Per
+family: the denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds
+each way, the inputs the same tensors at every call as in a generation; for `controlnet`, the net's
+call alone), one image end to end (median of four each way), the largest difference between the two
+ways' images, and the memory held. Prints one JSON line per family. (It measured `cross_kv_once` and `fuse_time_projections` before they joined `fast`.)
 """
 
 from __future__ import annotations
@@ -94,11 +94,16 @@ def probe(family: str, root: Path, name: str) -> dict[str, Any]:
             seconds, images[way] = timed_image(pipeline, extra)
             if round_:  # the first round compiles and captures
                 result["image_s"][way].append(seconds)
-    if controlnet is None:
-        for _ in range(3):
-            for way, pipeline in pipelines.items():
-                args, kwargs = unet_inputs(pipeline.unet, family)
-                result["step_ms"][way].append(round(cuda_median_ms(lambda p=pipeline, a=args, k=kwargs: p.unet(*a, **k)), 3))
+    control = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
+    result["step"] = "the UNet's call" if controlnet is None else "the ControlNet's call alone"
+    for _ in range(3):
+        for way, pipeline in pipelines.items():
+            args, kwargs = unet_inputs(pipeline.unet, base)
+            if controlnet is None:
+                step = lambda p=pipeline, a=args, k=kwargs: p.unet(*a, **k)  # noqa: E731
+            else:
+                step = lambda p=pipeline, a=args, k=kwargs: p.controlnet(*a, controlnet_cond=control, return_dict=False, **k)  # noqa: E731
+            result["step_ms"][way].append(round(cuda_median_ms(step), 3))
     result["image_s"] = {way: round(statistics.median(t), 4) for way, t in result["image_s"].items()}
     first, second = images.values()
     result["largest image difference"] = float((first.float() - second.float()).abs().max())

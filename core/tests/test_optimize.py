@@ -222,6 +222,39 @@ def test_a_plugins_optimization_gets_the_options_of_the_run_config(folder, tmp_p
     assert len(received) == 2  # refused before anything ran
 
 
+def test_a_plugins_optimization_joins_the_fast_preset_it_names(folder, plugin_host, monkeypatch):
+    """``OptimizationSpec.presets``: a plugin's optimization runs with ``fast`` where the plugin is
+    installed, in its order among the core's members; one for another family is skipped."""
+    from gesso.config import presets
+    from gesso.contract import OptimizationSpec
+    from gesso.hookspecs import hookimpl
+    from gesso.optimize import compile as compile_module
+
+    ran = []
+
+    def fused_attentions(pipeline):
+        return sum(1 for m in pipeline.unet.modules() if getattr(m, "fused", None))
+
+    class Plugin:
+        @hookimpl
+        def register_optimizations(self, register):
+            def after_fusion(pipeline, policy):
+                ran.append(("after_fusion", fused_attentions(pipeline)))
+
+            def elsewhere(pipeline, policy):
+                ran.append(("elsewhere", 0))
+
+            register(OptimizationSpec(name="after_fusion", apply=after_fusion, devices=("cpu",), order=12, presets=("fast",)))
+            register(OptimizationSpec(name="elsewhere", apply=elsewhere, devices=("cpu",), families=("sdxl",), presets=("fast",)))
+
+    host = plugin_host("gesso_sd15.plugin", Plugin())
+    fast = presets(host.registry)["fast"]
+    assert fast[-2:] == ["after_fusion", "elsewhere"] and {"fuse_qkv", "compile"} <= set(fast)
+    monkeypatch.setattr(compile_module, "compile_blocks", lambda module, mode="default": None)  # CI time
+    optimize(AutoPipelineForText2Image.from_pretrained(folder), ["fast"], host=host)
+    assert [name for name, _ in ran] == ["after_fusion"] and ran[0][1] > 0  # order 12: after fuse_qkv's 10
+
+
 def test_compile_modes_reach_torch_compile_and_graph_capturing_modes_are_refused(folder, monkeypatch):
     from gesso.optimize import compile as compile_module
 

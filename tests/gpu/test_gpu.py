@@ -192,6 +192,40 @@ def test_offload_takes_a_controlnet_off_the_gpu_with_the_unet(tmp_path):
     assert {p.device.type for p in pipeline.controlnet.parameters()} == {"cpu"}
 
 
+def test_control_embeddings_once_an_image_follow_each_image_under_graphs_and_offload(tmp_path):
+    """The net's graph reads the embedding that ``control_embedding_once`` wrote before it for this
+    image's control image: three control images give the images of graphs alone, with offload too."""
+    from gesso import AutoPipelineForText2Image, ControlNetModel
+    from gesso.runner import optimize
+    from gesso_controlnet.tiny import write_tiny_controlnet
+    from gesso_sd15.tiny import write_tiny_checkpoint
+    from PIL import Image
+
+    base, net = write_tiny_checkpoint(tmp_path / "base"), write_tiny_controlnet(tmp_path / "net", seed=0)
+    controls = [
+        Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy()) for seed in range(3)
+    ]
+
+    def images(optimizations):
+        controlnet = ControlNetModel.from_pretrained(net, torch_dtype=torch.float16)
+        pipeline = AutoPipelineForText2Image.from_pretrained(base, controlnet=controlnet, torch_dtype=torch.float16, device_map="cuda")
+        optimize(pipeline, optimizations)
+        generator = torch.Generator("cpu")
+        return [
+            pipeline("a cat", image=control, num_inference_steps=3, output_type="pt", generator=generator.manual_seed(0)).images
+            for control in controls
+        ], pipeline
+
+    graphed, _ = images(["cuda_graph"])
+    once, pipeline = images(["cuda_graph", "control_embedding_once"])
+    assert pipeline.controlnet.forward.embeddings == 3 and pipeline.controlnet.control_embedding is not None
+    offloaded, _ = images(["cuda_graph", "control_embedding_once", "offload"])
+    assert float((graphed[0] - graphed[1]).abs().max()) > 1e-2  # the control images do change the image
+    for index, (a, b, c) in enumerate(zip(graphed, once, offloaded)):
+        assert float((a - b).abs().max()) < 1e-3, f"image {index}"
+        assert float((a - c).abs().max()) < 1e-3, f"image {index}, offload"
+
+
 def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkeypatch):
     """``device_map="cuda"`` locks each weight file's mapping, copies every tensor unchanged, unlocks."""
     from gesso import AutoPipelineForText2Image
@@ -492,8 +526,10 @@ def test_denoising_loops_never_wait_for_the_gpu(tmp_path, family, scheduler):
     pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, **components).to("cuda")
     if scheduler is not None:
         pipeline.scheduler = getattr(gesso.schedulers, scheduler).from_config(pipeline.scheduler.config)
-    # the prompt's projections ahead of the steps and the resnets' columns must not wait either
-    optimize(pipeline, ["fuse_time_projections", "cuda_graph", "cross_kv_once"])
+    # the prompt's projections and the control image's embedding ahead of the steps, and the resnets'
+    # columns, must not wait either
+    once = ["cross_kv_once", "control_embedding_once"] if family == "controlnet" else ["cross_kv_once"]
+    optimize(pipeline, ["fuse_time_projections", "cuda_graph", *once])
 
     def run(steps: int, prior_steps: int = 3) -> None:
         if family == "kandinsky":

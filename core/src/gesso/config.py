@@ -230,10 +230,17 @@ def check_optimization_options(options: Mapping[str, Any], names: Sequence[str],
 
 
 def presets(registry: Registry) -> dict[str, list[str]]:
-    """Named sets of optimizations (``fast``); a preset lists optimization names."""
+    """Named sets of optimizations (``fast``): the core's members that are registered, then each
+    registered optimization that names the preset in its ``presets``."""
     from gesso.optimize import PRESETS
 
-    return {name: [n for n in names if n in registry.optimizations] for name, names in PRESETS.items()}
+    found = {name: [n for n in names if n in registry.optimizations] for name, names in PRESETS.items()}
+    for spec in registry.optimizations.values():
+        for preset in spec.presets:
+            members = found.setdefault(preset, [])
+            if spec.name not in members:
+                members.append(spec.name)
+    return found
 
 
 def call_keys(config: DictConfig, registry: Registry) -> list[str]:

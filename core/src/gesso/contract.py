@@ -132,7 +132,8 @@ class OptimizationSpec:
     ``devices`` lists the device types it works on (``"cuda"``, ``"cpu"``); ``families`` the
     families it supports (empty = all); ``order`` sorts composition (precision before compile).
     ``options`` are the keyword options ``apply`` accepts (name -> default), which a run config sets
-    under ``optimization_options.<name>``.
+    under ``optimization_options.<name>``. ``presets`` names the presets it joins (``("fast",)``),
+    so that a plugin's optimization is part of ``fast`` wherever the plugin is installed.
     """
 
     name: str
@@ -142,6 +143,7 @@ class OptimizationSpec:
     families: tuple[str, ...] = ()
     order: int = 50
     options: Mapping[str, Any] = field(default_factory=dict)
+    presets: tuple[str, ...] = ()
 
     def load_apply(self) -> Callable[..., Any]:
         return load_object(self.apply)

@@ -182,9 +182,20 @@ class ControlNetModel(ModelMixin):
             mid = mid_block_spec(self.config, time_embed_dim)
             self.mid_block = build_block(*mid) if mid is not None else None
         self.time_projections: TimeProjections | None = None  # see fuse_time_projections
+        # The control image's embedding, when ``control_embedding_once`` computed it for this call's
+        # image ahead of the step (gesso_controlnet.optimize); a buffer, so that compiled code takes it
+        # as an input. Non-persistent: the state dict keeps the published weights only.
+        self.register_buffer("control_embedding", None, persistent=False)
 
     #: Every cross-attention attends to ``encoder_hidden_states`` as given (``cross_kv_once``).
     cross_attention_context_is_input = True
+
+    def embed_control(self, controlnet_cond: torch.Tensor) -> torch.Tensor:
+        """The control image (channels in the config's order) as a feature map at latent resolution:
+        what each step adds to ``conv_in``'s output, the same at every step of an image."""
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        return self.controlnet_cond_embedding(controlnet_cond)
 
     def fuse_time_projections(self) -> bool:
         """Project the time embedding for all the resnets in one product a step (the
@@ -220,8 +231,6 @@ class ControlNetModel(ModelMixin):
 
         ``attention_mask`` is a keep-mask ``(B, N)`` over the text tokens (1 keeps a token).
         """
-        if self.config.controlnet_conditioning_channel_order == "bgr":
-            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
         emb = self._time_embedding(sample, timestep)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {})
@@ -234,7 +243,8 @@ class ControlNetModel(ModelMixin):
             cross_attention_kwargs=cross_attention_kwargs,
         )
 
-        hidden_states = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
+        control = self.control_embedding if self.control_embedding is not None else self.embed_control(controlnet_cond)
+        hidden_states = self.conv_in(sample) + control
         skips = [hidden_states]
         for block in self.down_blocks:
             hidden_states, block_skips = block(hidden_states, emb, **cross) if block.has_cross_attention else block(hidden_states, emb)

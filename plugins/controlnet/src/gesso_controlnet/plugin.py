@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gesso import hookimpl
-from gesso.contract import Component, ConditionerSpec
+from gesso.contract import Component, ConditionerSpec, OptimizationSpec
 
 #: Run-config keys the conditioner adds (name -> default), the reference's call defaults.
 CONFIG_KEYS = {
@@ -33,5 +33,20 @@ def register_conditioners(register: Callable[[ConditionerSpec], None]) -> None:
             factory="gesso_controlnet.conditioner:attach",
             config_keys=CONFIG_KEYS,
             description="ControlNet: steer the UNet with a control image (pose, edges, depth ...); several nets sum",
+        )
+    )
+
+
+@hookimpl
+def register_optimizations(register: Callable[[OptimizationSpec], None]) -> None:
+    register(
+        OptimizationSpec(
+            name="control_embedding_once",
+            apply="gesso_controlnet.optimize:control_embedding_once",
+            description="each ControlNet's control image embedded once per image, not at every step",
+            devices=("cuda", "cpu"),
+            families=("sd15", "sdxl"),
+            order=85,  # around cuda_graph's replay, as cross_kv_once: it runs before the step, outside the graph
+            presets=("fast",),
         )
     )
