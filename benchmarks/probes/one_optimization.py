@@ -8,7 +8,8 @@ Full-size random weights, float16, both pipelines loaded side by side from one c
 family: the denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds
 each way, the inputs the same tensors at every call as in a generation; for `controlnet`, the net's
 call alone), one image end to end (median of four each way), the largest difference between the two
-ways' images, and the memory held. Prints one JSON line per family. (It measured `cross_kv_once` and `fuse_time_projections` before they joined `fast`.)
+ways' images, and the memory held. Prints one JSON line per family. (It measured `cross_kv_once`,
+`fuse_time_projections` and `control_embedding_once` before they joined `fast`.)
 """
 
 from __future__ import annotations

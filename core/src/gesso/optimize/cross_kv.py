@@ -58,7 +58,8 @@ class CrossKVOnce(OncePerInput):
     def _weights(self) -> list[torch.Tensor]:
         return [linear.weight for linear in self.linears]
 
-    def _project(self, context: torch.Tensor) -> list[torch.Tensor]:
+    def _project(self, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+        (context,) = contexts
         return [tensor for attention in self.attentions for tensor in attention.project_context(context)]
 
     def _install(self, buffers: list[torch.Tensor] | None) -> None:

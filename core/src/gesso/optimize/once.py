@@ -25,7 +25,7 @@ the autograd graph (a CUDA graph steps aside there too).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,22 +46,12 @@ def argument_position(module: torch.nn.Module, argument: str) -> int | None:
     return names.index(argument) if argument in names else None
 
 
-def _tensors(value: Any) -> list[torch.Tensor] | None:
-    """The tensors of an input given as one tensor or a sequence of them (a MultiControlNet's
-    images); ``None`` for anything else."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Sequence) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
-    return None
-
-
 class OncePerInput:
     """``forward`` of one module, with the work that depends only on ``argument`` done beforehand.
 
-    ``compute(value)`` returns the results for the argument's value; ``install(buffers)`` hands the
-    module the buffers holding them (``None``: compute during the call again); ``weights()`` lists
-    the tensors the results also depend on.
+    ``compute(tensors)`` returns the results for the argument's tensors (see :meth:`inputs`);
+    ``install(buffers)`` hands the module the buffers holding them (``None``: compute during the call
+    again); ``weights()`` lists the tensors the results also depend on.
     """
 
     def __init__(
@@ -69,7 +59,7 @@ class OncePerInput:
         forward: Callable[..., Any],
         argument: str,
         position: int | None,
-        compute: Callable[[Any], list[torch.Tensor]],
+        compute: Callable[[list[torch.Tensor]], list[torch.Tensor]],
         install: Callable[[list[torch.Tensor] | None], None],
         weights: Callable[[], list[torch.Tensor]],
     ) -> None:
@@ -91,6 +81,11 @@ class OncePerInput:
             return args[self.position]
         return None
 
+    def inputs(self, value: Any) -> list[torch.Tensor] | None:
+        """The tensors the work depends on, from the argument's value: here one tensor (``None``,
+        nothing to compute ahead, for anything else); a subclass may accept more."""
+        return [value] if isinstance(value, torch.Tensor) else None
+
     def _key(self, tensors: list[torch.Tensor]) -> tuple[Any, ...] | None:
         """What the results depend on, or ``None`` when part of it cannot be tracked."""
         try:
@@ -99,21 +94,20 @@ class OncePerInput:
             return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        value = self._value(args, kwargs)
-        tensors = _tensors(value)
+        tensors = self.inputs(self._value(args, kwargs))
         if tensors is None or torch.is_grad_enabled():
             # nothing to compute ahead, or gradients must flow through the work
             self.clear()
             return self.forward(*args, **kwargs)
         key = self._key(tensors)
         if key is None or key != self.last_key:  # untracked (inference tensors): computed at every call
-            self._compute(value)
+            self._compute(tensors)
             self.last_tensors, self.last_key = tensors, key
         return self.forward(*args, **kwargs)
 
     @torch.no_grad()
-    def _compute(self, value: Any) -> None:
-        results = self.compute(value)
+    def _compute(self, tensors: list[torch.Tensor]) -> None:
+        results = self.compute(tensors)
         signature = tuple((tuple(r.shape), r.dtype, r.device) for r in results)
         buffers = self.buffers.get(signature)
         if buffers is None:

@@ -13,6 +13,7 @@ embedding at every step: the same kernels on the same inputs, done earlier.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,11 +41,14 @@ class ControlEmbeddingOnce(OncePerInput):
         """Times the images were embedded."""
         return self.computations
 
-    def _images(self, value: Any) -> list[torch.Tensor]:
-        return [value] if isinstance(value, torch.Tensor) else list(value)
+    def inputs(self, value: Any) -> list[torch.Tensor] | None:
+        """One image, or a MultiControlNet's sequence of images (one a net)."""
+        if isinstance(value, Sequence) and value and all(isinstance(image, torch.Tensor) for image in value):
+            return list(value)
+        return super().inputs(value)
 
-    def _embed(self, value: Any) -> list[torch.Tensor]:
-        return [net.embed_control(image) for net, image in zip(self.nets, self._images(value), strict=True)]
+    def _embed(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [net.embed_control(image) for net, image in zip(self.nets, images, strict=True)]
 
     def _install(self, buffers: list[torch.Tensor] | None) -> None:
         for index, net in enumerate(self.nets):
