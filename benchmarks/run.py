@@ -33,6 +33,8 @@ from checkpoints import architectures, write_family, write_kandinsky  # noqa: E4
 from gesso.optimize import PRESETS  # noqa: E402
 
 SIZES = {"sd15": 512, "sdxl": 1024}
+COMPONENTS = ("kandinsky22", "controlnet_sd15")
+COMPONENT_SIZES = {"kandinsky22": 768, "controlnet_sd15": 512}
 STEPS = {"sd15": 50, "sdxl": 30, "kandinsky22": 100}  # Kandinsky: its decoder's default (and 25 prior steps)
 #: name -> (optimizations, environment for the compile step); the ``fast`` variants name the preset,
 #: so they follow it (and take the installed plugins' members) as a user's ``optimizations=[fast]`` does.
@@ -65,9 +67,14 @@ def cuda_median_ms(fn: Any, warmup_s: float = 1.0, repeat: int = 30) -> float:
 
 
 def unet_inputs(unet: Any, family: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    size = SIZES[family] // 8
+    """One classifier-free-guidance step's inputs (batch 2) at the family's size; ``kandinsky22``:
+    the decoder UNet at 768x768, conditioned on an image embedding."""
+    size = (COMPONENT_SIZES[family] if family in COMPONENT_SIZES else SIZES[family]) // 8
     generator = torch.Generator("cuda").manual_seed(0)
     sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
+    if family == "kandinsky22":
+        image = torch.randn(2, unet.config.encoder_hid_dim, device="cuda", dtype=torch.float16, generator=generator)
+        return (sample, torch.tensor(500.0, device="cuda")), {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": image}}
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16, generator=generator)
     kwargs: dict[str, Any] = {"encoder_hidden_states": hidden}
     if family == "sdxl":
@@ -271,10 +278,6 @@ def measure_variant(
         e2e = end_to_end(with_scheduler(pipeline, scheduler), family)
         result["e2e_s"][f"gesso {name}"], result["peak_gib"][f"gesso {name}"] = e2e
     pipeline = None  # free its GPU memory before the next variant
-
-
-COMPONENTS = ("kandinsky22", "controlnet_sd15")
-COMPONENT_SIZES = {"kandinsky22": 768, "controlnet_sd15": 512}
 
 
 @torch.no_grad()

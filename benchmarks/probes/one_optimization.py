@@ -1,15 +1,16 @@
 """Probe: `fast` with and without one optimization (default `fuse_time_projections`), in one
 process, alternating.
 
-    python benchmarks/probes/one_optimization.py [--optimization NAME] [--families sd15 sdxl controlnet]
+    python benchmarks/probes/one_optimization.py [--optimization NAME] [--families sd15 sdxl controlnet kandinsky]
 
 Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
 `compile_vae` on both; "without" is the core's `fast` preset less NAME where it is a member. Per
 family: the denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds
 each way, the inputs the same tensors at every call as in a generation; for `controlnet`, the net's
-call alone), one image end to end (median of four each way), the largest difference between the two
+call alone; for `kandinsky`, the decoder UNet at 768x768), one image end to end (median of four each
+way; Kandinsky: one, prior included, at its default 512x512), the largest difference between the two
 ways' images, and the memory held. Prints one JSON line per family. (It measured `cross_kv_once`,
-`fuse_time_projections` and `control_embedding_once` before they joined `fast`.)
+`fuse_time_projections`, `control_embedding_once` and `conditioning_once` before they joined `fast`.)
 """
 
 from __future__ import annotations
@@ -83,14 +84,14 @@ def timed_image(pipeline: Any, extra: dict[str, Any]) -> tuple[float, torch.Tens
 
 @torch.no_grad()
 def probe(family: str, root: Path, name: str) -> dict[str, Any]:
-    base = "sd15" if family == "controlnet" else family
+    base = {"controlnet": "sd15", "kandinsky": "kandinsky22"}.get(family, family)
     folder = existing_or_written(base, root / base)
     controlnet = controlnet_folder(root / "controlnet_sd15") if family == "controlnet" else None
     extra = {"image": control_image()} if controlnet is not None else {}
     pipelines = {way: load(folder, names, controlnet) for way, names in ways(name).items()}
     result: dict[str, Any] = {"step_ms": {way: [] for way in pipelines}, "image_s": {way: [] for way in pipelines}}
     images: dict[str, torch.Tensor] = {}
-    for round_ in range(5):
+    for round_ in range(2 if family == "kandinsky" else 5):
         for way, pipeline in pipelines.items():
             seconds, images[way] = timed_image(pipeline, extra)
             if round_:  # the first round compiles and captures
@@ -117,7 +118,9 @@ def probe(family: str, root: Path, name: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimization", default="fuse_time_projections", help="the optimization measured")
-    parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet"])
+    parser.add_argument(
+        "--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet", "kandinsky"]
+    )
     args = parser.parse_args()
     root = Path(tempfile.gettempdir()) / "gesso-bench"
     for family in args.families:  # one line each, as soon as it is measured

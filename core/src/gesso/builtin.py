@@ -112,6 +112,13 @@ OPTIMIZATIONS = (
         85,  # around cuda_graph's replay: it runs before the step, outside the graph
     ),
     (
+        "conditioning_once",
+        "gesso.optimize.conditioning_once:conditioning_once",
+        "the UNet's addition embedding and projected context (SDXL's size ids, Kandinsky's image) computed once per image",
+        ("cuda", "cpu"),
+        85,
+    ),
+    (
         "offload",
         "gesso.optimize.offload:model_cpu_offload",
         "keep components in CPU memory, each on the GPU only while it runs",

@@ -16,9 +16,9 @@ def folder(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-kandinsky-optimize") / "combined")
 
 
-def image(pipeline):
+def image(pipeline, prompt="a cat"):
     return pipeline(
-        "a cat",
+        prompt,
         height=64,
         width=64,
         num_inference_steps=2,
@@ -95,3 +95,57 @@ def test_fused_time_projections_cover_the_resampling_resnets_and_give_the_same_i
     assert pipeline.unet.time_projections is not None and all(r.time_projected for r in resnets)
     assert any(r.resample is not None for r in resnets) and {r.time_embedding_norm for r in resnets} == {"scale_shift"}
     np.testing.assert_allclose(image(pipeline), plain, atol=1e-5, rtol=0)
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_conditioning_once_projects_the_image_context_once_an_image(folder):
+    """The image embedding's 32 tokens, their keys and values in every attention, and the embedding
+    added to the timestep's: computed before the first step of each image, read by all its steps."""
+    from gesso.optimize.conditioning_once import ConditioningOnce
+    from gesso_kandinsky.unet import AddedKVAttention
+
+    plain = AutoPipelineForText2Image.from_pretrained(folder)
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    optimize(pipeline, ["fuse_qkv", "conditioning_once"])
+    unet, wrapper = pipeline.unet, pipeline.unet.forward
+    attentions = [m for m in unet.modules() if isinstance(m, AddedKVAttention)]
+    assert isinstance(wrapper, ConditioningOnce) and wrapper.addition and wrapper.context and wrapper.attentions == attentions
+    calls = [count_calls(module) for module in (unet.encoder_hid_proj, unet.add_embedding, attentions[0].add_k_proj)]
+    for count, prompt in enumerate(["a cat", "a dog"], start=1):
+        np.testing.assert_allclose(image(pipeline, prompt), image(plain, prompt), atol=1e-6, rtol=0)
+        assert [c[0] for c in calls] == [count] * 3 and wrapper.computations == count  # not at each step
+    assert all(a.text_key is not None for a in attentions)
+    assert set(unet.state_dict()) == set(plain.unet.state_dict())
+
+    embeds = torch.randn(2, unet.config.encoder_hid_dim, generator=torch.Generator().manual_seed(1))
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def step(model):
+        with torch.no_grad():
+            return model(sample, 10, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": embeds}, return_dict=False)[0]
+
+    torch.testing.assert_close(step(unet), step(plain.unet))
+    embeds[1].mul_(-1.0)  # in place, through a view
+    torch.testing.assert_close(step(unet), step(plain.unet))
+    with torch.no_grad():
+        for model in (unet, plain.unet):
+            next(m for m in model.modules() if isinstance(m, AddedKVAttention)).add_v_proj.weight.mul_(1.5)
+    torch.testing.assert_close(step(unet), step(plain.unet))
+    assert wrapper.computations == 5
+
+
+def test_compiled_attentions_read_each_images_keys_and_values(folder, monkeypatch):
+    """The buffers are inputs of the compiled attentions, not constants folded in at the first compile."""
+    monkeypatch.setenv("GESSO_COMPILE_BACKEND", "aot_eager")  # full graph capture, no code generation (CI time)
+    monkeypatch.setenv("GESSO_COMPILE_CACHE", "off")
+    compiled, pipeline = (AutoPipelineForText2Image.from_pretrained(folder) for _ in range(2))
+    optimize(compiled, ["compile"])  # the prior's compiled steps round differently from eager ones: compare like with like
+    optimize(pipeline, ["compile", "conditioning_once"])
+    for prompt in ("a cat", "a dog"):
+        np.testing.assert_allclose(image(pipeline, prompt), image(compiled, prompt), atol=1e-5, rtol=0)
+    assert pipeline.unet.forward.computations == 2

@@ -92,6 +92,10 @@ class Attention(nn.Module):
             return key, value
         return self.to_k(context), self.to_v(context)
 
+    def context_parameters(self) -> list[torch.Tensor]:
+        """The weights :meth:`project_context` reads."""
+        return [p for linear in (self.to_k, self.to_v) for p in linear.parameters()]
+
     def _project(self, hidden_states: torch.Tensor, context: torch.Tensor, is_self: bool) -> tuple[torch.Tensor, ...]:
         if self.fused == "qkv" and is_self:
             return F.linear(hidden_states, self.fused_weight, self.fused_bias).chunk(3, dim=-1)

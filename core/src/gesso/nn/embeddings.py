@@ -111,8 +111,12 @@ class TextTimeEmbedding(TimestepEmbedding):
     The pooled text embedding is concatenated with sinusoidal features of the six ``time_ids``
     (original size, crop offset, target size) and sent through an MLP; the UNet adds the result to
     the timestep embedding. It subclasses :class:`TimestepEmbedding` so that its weights keep the
-    reference names ``add_embedding.linear_1`` / ``linear_2``.
+    reference names ``add_embedding.linear_1`` / ``linear_2``. ``emb`` is not read (``per_image``:
+    see :mod:`gesso.nn.unet_2d_condition`); the features take the weights' dtype, which is the
+    timestep embedding's.
     """
+
+    per_image = True
 
     def __init__(self, in_channels: int, time_embed_dim: int, time_ids_dim: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
         super().__init__(in_channels, time_embed_dim)
@@ -126,12 +130,14 @@ class TextTimeEmbedding(TimestepEmbedding):
             raise ValueError(f"addition_embed_type 'text_time' needs added_cond_kwargs {missing}")
         text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
         time_features = self.time_ids_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
-        features = torch.cat([text_embeds, time_features], dim=-1).to(emb.dtype)
+        features = torch.cat([text_embeds, time_features], dim=-1).to(self.linear_1.weight.dtype)
         return super().forward(features)
 
 
 class TextProjection(nn.Linear):
     """``encoder_hid_dim_type="text_proj"``: a linear map of the text states to ``cross_attention_dim``."""
+
+    per_image = True
 
     def forward(self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: Mapping[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         return super().forward(encoder_hidden_states)

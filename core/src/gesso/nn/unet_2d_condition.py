@@ -12,6 +12,10 @@ Family-specific parts are looked up by the names the config uses, in registries 
   ``unet.encoder_hid_proj`` and is called as ``module(encoder_hidden_states, added_cond_kwargs)``;
   its result replaces the states the cross-attentions see.
 
+Either module may set the class attribute ``per_image = True``: it promises that its result
+depends only on ``encoder_hidden_states``, ``added_cond_kwargs`` and its own weights (not on
+``emb``), which lets ``conditioning_once`` compute it once an image instead of at every step.
+
 ``config`` is the UNet's own config (``unet.config``), so a factory can read any key it needs.
 """
 
@@ -68,6 +72,33 @@ def _text_time(config: Mapping[str, Any], time_embed_dim: int) -> nn.Module:
 
 register_addition_embedding("text_time", _text_time)
 register_encoder_hid_projection("text_proj", lambda config, cross_dim: TextProjection(config["encoder_hid_dim"], cross_dim))
+
+
+def register_precomputed_conditioning(model: nn.Module) -> None:
+    """Give ``model`` the slots where ``conditioning_once`` (gesso.optimize.conditioning_once) puts its
+    per-image conditioning computed ahead of the step: the addition embedding's result and the
+    projected context. Buffers, so that compiled code takes them as inputs; non-persistent, so that
+    the state dict keeps the published weights only."""
+    model.register_buffer("precomputed_addition", None, persistent=False)
+    model.register_buffer("precomputed_context", None, persistent=False)
+
+
+def addition_embedding(
+    model: nn.Module, emb: torch.Tensor, encoder_hidden_states: torch.Tensor | None, added_cond_kwargs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """What ``model.add_embedding`` gives for this call: computed ahead for this very input, or now."""
+    if model.precomputed_addition is not None:
+        return model.precomputed_addition
+    return model.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+
+
+def projected_context(
+    model: nn.Module, encoder_hidden_states: torch.Tensor | None, added_cond_kwargs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """What ``model.encoder_hid_proj`` gives for this call: computed ahead for this very input, or now."""
+    if model.precomputed_context is not None:
+        return model.precomputed_context
+    return model.encoder_hid_proj(encoder_hidden_states, added_cond_kwargs)
 
 
 @dataclass
@@ -302,6 +333,7 @@ class UNet2DConditionModel(ModelMixin):
         self.num_upsamplers = blocks - 1
 
         self.time_projections: TimeProjections | None = None  # see fuse_time_projections
+        register_precomputed_conditioning(self)
         self.conv_norm_out = OutputGroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps) if norm_num_groups else None
         self.conv_act = get_activation(act_fn) if norm_num_groups else None
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
@@ -357,13 +389,13 @@ class UNet2DConditionModel(ModelMixin):
 
         emb = self.time_embedding(self._time_features(sample, timestep), timestep_cond)
         if self.add_embedding is not None:
-            emb = emb + self.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+            emb = emb + addition_embedding(self, emb, encoder_hidden_states, added_cond_kwargs)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         if self.time_projections is not None:  # the blocks' resnets take their columns of it
             emb = self.time_projections(emb)
         if self.encoder_hid_proj is not None:
-            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states, added_cond_kwargs)
+            encoder_hidden_states = projected_context(self, encoder_hidden_states, added_cond_kwargs)
         cross = dict(
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=_mask_to_bias(attention_mask, sample.dtype),

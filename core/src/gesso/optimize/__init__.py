@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 #: Named sets of optimizations (the CLI's ``optimizations=[fast]``).
-PRESETS: dict[str, list[str]] = {"fast": ["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "cuda_graph", "cross_kv_once"]}
+PRESETS: dict[str, list[str]] = {
+    "fast": ["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "cuda_graph", "cross_kv_once", "conditioning_once"]
+}
 
 
 def hot_loop_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:

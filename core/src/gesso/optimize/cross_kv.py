@@ -31,7 +31,10 @@ CONTEXT_ARGUMENT = "encoder_hidden_states"
 
 
 def cross_attentions(module: torch.nn.Module) -> list[Any]:
-    """The attentions of ``module``'s transformer blocks that attend to the text context."""
+    """The attentions of ``module`` over its context whose keys and values can be set ahead: those
+    of its transformer blocks that attend to the context, and plugin attentions whose class says so
+    (``context_kv_ahead = True``, with ``project_context``, ``context_parameters`` and the
+    ``text_key`` / ``text_value`` buffers)."""
     from gesso.nn.attention import Attention, BasicTransformerBlock
 
     found = []
@@ -39,7 +42,19 @@ def cross_attentions(module: torch.nn.Module) -> list[Any]:
         if isinstance(block, BasicTransformerBlock):
             candidates = [block.attn2, block.attn1] if block.only_cross_attention else [block.attn2]
             found.extend(a for a in candidates if type(a) is Attention)  # subclasses project their own way
+        elif getattr(type(block), "context_kv_ahead", False):
+            found.append(block)
     return found
+
+
+def install_context_kv(attentions: list[Any], buffers: list[torch.Tensor] | None) -> None:
+    """Point each attention at its keys and values among ``buffers`` (two each, in order), or
+    (``None``) let them project their context during the call again."""
+    for index, attention in enumerate(attentions):
+        if buffers is None:
+            attention.text_key = attention.text_value = None
+        else:
+            attention.text_key, attention.text_value = buffers[2 * index], buffers[2 * index + 1]
 
 
 class CrossKVOnce(OncePerInput):
@@ -47,7 +62,6 @@ class CrossKVOnce(OncePerInput):
 
     def __init__(self, forward: Callable[..., Any], attentions: list[Any], context_position: int | None) -> None:
         self.attentions = attentions
-        self.linears = [linear for attention in attentions for linear in (attention.to_k, attention.to_v)]
         super().__init__(forward, CONTEXT_ARGUMENT, context_position, self._project, self._install, self._weights)
 
     @property
@@ -56,18 +70,14 @@ class CrossKVOnce(OncePerInput):
         return self.computations
 
     def _weights(self) -> list[torch.Tensor]:
-        return [linear.weight for linear in self.linears]
+        return [p for attention in self.attentions for p in attention.context_parameters()]
 
     def _project(self, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
         (context,) = contexts
         return [tensor for attention in self.attentions for tensor in attention.project_context(context)]
 
     def _install(self, buffers: list[torch.Tensor] | None) -> None:
-        for index, attention in enumerate(self.attentions):
-            if buffers is None:
-                attention.text_key = attention.text_value = None
-            else:
-                attention.text_key, attention.text_value = buffers[2 * index], buffers[2 * index + 1]
+        install_context_kv(self.attentions, buffers)
 
 
 def cross_kv_once(pipeline: Any, policy: Any) -> None:

@@ -2,10 +2,11 @@
 every denoising step.
 
 Some of a step's work reads nothing that changes between steps: the prompt's cross-attention keys
-and values (``cross_kv_once``), a ControlNet's embedding of its control image
-(``control_embedding_once``, from the ControlNet plugin). ``OncePerInput`` wraps a hot-loop
-module's ``forward``: before a call it computes that work into buffers the module then reads, and
-it computes again only when the input or the weights it depends on are not those of the last call.
+and values (``cross_kv_once``), a UNet's addition embedding and projected context
+(``conditioning_once``), a ControlNet's embedding of its control image (``control_embedding_once``,
+from the ControlNet plugin). ``OncePerInput`` wraps a hot-loop module's ``forward``: before a call
+it computes that work into buffers the module then reads, and it computes again only when the
+input or the weights it depends on are not those of the last call.
 
 "The same input" is decided without looking at values, which on a GPU would make the CPU wait:
 the same memory (address, offset, shape, strides, dtype, device) and the same version counter
@@ -46,6 +47,15 @@ def argument_position(module: torch.nn.Module, argument: str) -> int | None:
     return names.index(argument) if argument in names else None
 
 
+def argument_value(args: tuple[Any, ...], kwargs: dict[str, Any], argument: str, position: int | None) -> Any:
+    """The value of ``argument`` (at ``position`` among the positional ones) in a call, ``None`` if not passed."""
+    if argument in kwargs:
+        return kwargs[argument]
+    if position is not None and len(args) > position:
+        return args[position]
+    return None
+
+
 class OncePerInput:
     """``forward`` of one module, with the work that depends only on ``argument`` done beforehand.
 
@@ -74,12 +84,9 @@ class OncePerInput:
         self.last_key: tuple[Any, ...] | None = None
         self.computations = 0  # times the work was done (what the tests count)
 
-    def _value(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.argument in kwargs:
-            return kwargs[self.argument]
-        if self.position is not None and len(args) > self.position:
-            return args[self.position]
-        return None
+    def value(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The argument's value in this call; a subclass may gather several arguments."""
+        return argument_value(args, kwargs, self.argument, self.position)
 
     def inputs(self, value: Any) -> list[torch.Tensor] | None:
         """The tensors the work depends on, from the argument's value: here one tensor (``None``,
@@ -94,7 +101,7 @@ class OncePerInput:
             return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = self.inputs(self._value(args, kwargs))
+        tensors = self.inputs(self.value(args, kwargs))
         if tensors is None or torch.is_grad_enabled():
             # nothing to compute ahead, or gradients must flow through the work
             self.clear()

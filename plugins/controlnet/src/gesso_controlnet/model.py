@@ -23,8 +23,10 @@ from gesso.nn.time_projections import TimeProjections, fuse_resnet_time_projecti
 from gesso.nn.unet_2d_condition import (
     ADDITION_EMBEDDINGS,
     ENCODER_HID_PROJECTIONS,
+    addition_embedding,
     down_block_specs,
     mid_block_spec,
+    register_precomputed_conditioning,
 )
 from gesso.nn.unet_blocks import UNetMidBlock2D, build_block
 from torch import nn
@@ -186,6 +188,7 @@ class ControlNetModel(ModelMixin):
         # image ahead of the step (gesso_controlnet.optimize); a buffer, so that compiled code takes it
         # as an input. Non-persistent: the state dict keeps the published weights only.
         self.register_buffer("control_embedding", None, persistent=False)
+        register_precomputed_conditioning(self)  # the addition embedding, once an image (conditioning_once)
 
     #: Every cross-attention attends to ``encoder_hidden_states`` as given (``cross_kv_once``).
     cross_attention_context_is_input = True
@@ -233,7 +236,7 @@ class ControlNetModel(ModelMixin):
         """
         emb = self._time_embedding(sample, timestep)
         if self.add_embedding is not None:
-            emb = emb + self.add_embedding(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {})
+            emb = emb + addition_embedding(self, emb, encoder_hidden_states, added_cond_kwargs or {})
         if self.time_projections is not None:  # the blocks' resnets take their columns of it
             emb = self.time_projections(emb)
         cross = dict(

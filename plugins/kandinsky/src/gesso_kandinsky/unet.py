@@ -37,6 +37,8 @@ from torch import nn
 class ImageProjection(nn.Module):
     """``encoder_hid_dim_type="image_proj"``: one image embedding -> ``num_tokens`` context tokens."""
 
+    per_image = True  # reads the image embedding only (conditioning_once may compute it once an image)
+
     def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 32) -> None:
         super().__init__()
         self.num_tokens = num_tokens
@@ -51,6 +53,8 @@ class ImageProjection(nn.Module):
 
 class ImageTimeEmbedding(nn.Module):
     """``addition_embed_type="image"``: a normalised projection of the image embedding, added to the time embedding."""
+
+    per_image = True  # reads the image embedding only, not ``emb``
 
     def __init__(self, image_embed_dim: int, time_embed_dim: int) -> None:
         super().__init__()
@@ -79,6 +83,9 @@ class AddedKVAttention(Attention):
     """
 
     compile_region = True  # compiled on its own by the regional compile (gesso.optimize.compile)
+    #: Its keys and values over the context may be computed ahead of the step, into ``text_key`` /
+    #: ``text_value`` (``project_context``; gesso.optimize.cross_kv and conditioning_once).
+    context_kv_ahead = True
 
     def __init__(
         self,
@@ -110,6 +117,19 @@ class AddedKVAttention(Attention):
         self.add_k_proj = nn.Linear(context_dim, inner_dim)
         self.add_v_proj = nn.Linear(context_dim, inner_dim)
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the context tokens, ``(B, N, channels)`` each, normed first if configured."""
+        if isinstance(self.norm_cross, nn.GroupNorm):
+            context = self.norm_cross(context.transpose(1, 2)).transpose(1, 2)
+        elif self.norm_cross is not None:
+            context = self.norm_cross(context)
+        return self.add_k_proj(context), self.add_v_proj(context)
+
+    def context_parameters(self) -> list[torch.Tensor]:
+        """The weights :meth:`project_context` reads."""
+        modules = [self.add_k_proj, self.add_v_proj] + ([self.norm_cross] if self.norm_cross is not None else [])
+        return [p for module in modules for p in module.parameters()]
+
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
@@ -122,19 +142,17 @@ class AddedKVAttention(Attention):
         residual = hidden_states
         batch, channels, height, width = hidden_states.shape
         pixels = hidden_states.reshape(batch, channels, height * width).transpose(1, 2)
-        if encoder_hidden_states is None:
-            context = pixels
-        elif isinstance(self.norm_cross, nn.GroupNorm):
-            context = self.norm_cross(encoder_hidden_states.transpose(1, 2)).transpose(1, 2)
-        elif self.norm_cross is not None:
-            context = self.norm_cross(encoder_hidden_states)
-        else:
-            context = encoder_hidden_states
         normed = self.group_norm(pixels.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context_key, context_value = self.add_k_proj(pixels), self.add_v_proj(pixels)
+        elif self.text_key is not None:  # computed for this very context before the step
+            context_key, context_value = self.text_key, self.text_value
+        else:
+            context_key, context_value = self.project_context(encoder_hidden_states)
 
         query = self._split_heads(self.to_q(normed))
-        key = self._split_heads(self.add_k_proj(context))
-        value = self._split_heads(self.add_v_proj(context))
+        key = self._split_heads(context_key)
+        value = self._split_heads(context_value)
         if not self.only_cross_attention:
             key = torch.cat([key, self._split_heads(self.to_k(normed))], dim=2)
             value = torch.cat([value, self._split_heads(self.to_v(normed))], dim=2)
