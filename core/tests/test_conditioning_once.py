@@ -24,19 +24,23 @@ def files(tmp_path_factory):
     from gesso_sdxl.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("conditioning-once")
-    return {"sdxl": write_tiny_checkpoint(root / "sdxl"), "net": write_tiny_controlnet(root / "net", config=SDXL_CONFIG, seed=3)}
+    nets = [write_tiny_controlnet(root / f"net{seed}", config=SDXL_CONFIG, seed=seed) for seed in (3, 4)]
+    return {"sdxl": write_tiny_checkpoint(root / "sdxl"), "nets": nets}
 
 
-def loaded(files, *optimizations, controlnet=False):
-    extra = {"controlnet": ControlNetModel.from_pretrained(files["net"])} if controlnet else {}
+def loaded(files, *optimizations, nets=0):
+    loaded_nets = [ControlNetModel.from_pretrained(path) for path in files["nets"][:nets]]
+    extra = {"controlnet": loaded_nets if nets > 1 else loaded_nets[0]} if nets else {}
     pipeline = AutoPipelineForText2Image.from_pretrained(files["sdxl"], **extra)
     optimize(pipeline, list(optimizations))
     return pipeline
 
 
+def control_image(seed):
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+
+
 def images(pipeline, steps=3, **call):
-    if getattr(pipeline, "controlnet", None) is not None:
-        call["image"] = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
     return pipeline("a lighthouse", num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
 
 
@@ -70,7 +74,9 @@ def test_sdxl_images_match_and_the_addition_embedding_runs_once_an_image(files):
     plain = loaded(files)
     pipeline = loaded(files, "conditioning_once")
     wrapper = pipeline.unet.forward
-    assert isinstance(wrapper, ConditioningOnce) and wrapper.addition and not wrapper.context
+    assert isinstance(wrapper, ConditioningOnce) and [(m.model, m.addition, m.context) for m in wrapper.models] == [
+        (pipeline.unet, True, False)
+    ]
     calls = count_calls(pipeline.unet.add_embedding)
     sizes = [(64, 64), (32, 48), (64, 64)]  # the size ids are part of the conditioning
     for count, size in enumerate(sizes, start=1):
@@ -119,12 +125,22 @@ def test_with_gradients_the_embedding_runs_in_the_call(files):
 
 
 def test_an_sdxl_controlnet_computes_its_addition_embedding_once_an_image_too(files):
-    plain = loaded(files, controlnet=True)
-    pipeline = loaded(files, "conditioning_once", controlnet=True)
+    plain, pipeline = loaded(files, nets=1), loaded(files, "conditioning_once", nets=1)
     assert isinstance(pipeline.controlnet.forward, ConditioningOnce)
     calls = count_calls(pipeline.controlnet.add_embedding)
-    np.testing.assert_allclose(images(pipeline), images(plain), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(images(pipeline, image=control_image(0)), images(plain, image=control_image(0)), atol=1e-6, rtol=0)
     assert calls[0] == pipeline.controlnet.forward.computations == 1
+
+
+def test_each_net_of_a_multi_controlnet_computes_its_addition_embedding_once_an_image(files):
+    plain, pipeline = loaded(files, nets=2), loaded(files, "conditioning_once", nets=2)
+    wrapper = pipeline.controlnet.forward
+    assert isinstance(wrapper, ConditioningOnce) and [part.model for part in wrapper.models] == list(pipeline.controlnet.nets)
+    calls = [count_calls(net.add_embedding) for net in pipeline.controlnet.nets]
+    for count, size in enumerate([(64, 64), (32, 48)], start=1):
+        call = dict(image=[control_image(0), control_image(1)], original_size=size)
+        np.testing.assert_allclose(images(pipeline, **call), images(plain, **call), atol=1e-6, rtol=0)
+        assert [c[0] for c in calls] == [count, count] and wrapper.computations == count  # each net, once an image
 
 
 def test_models_without_per_image_conditioning_are_left_alone(files, monkeypatch):

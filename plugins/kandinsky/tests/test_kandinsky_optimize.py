@@ -114,7 +114,8 @@ def test_conditioning_once_projects_the_image_context_once_an_image(folder):
     optimize(pipeline, ["fuse_qkv", "conditioning_once"])
     unet, wrapper = pipeline.unet, pipeline.unet.forward
     attentions = [m for m in unet.modules() if isinstance(m, AddedKVAttention)]
-    assert isinstance(wrapper, ConditioningOnce) and wrapper.addition and wrapper.context and wrapper.attentions == attentions
+    assert isinstance(wrapper, ConditioningOnce) and len(wrapper.models) == 1
+    assert wrapper.models[0].addition and wrapper.models[0].context and wrapper.models[0].attentions == attentions
     calls = [count_calls(module) for module in (unet.encoder_hid_proj, unet.add_embedding, attentions[0].add_k_proj)]
     for count, prompt in enumerate(["a cat", "a dog"], start=1):
         np.testing.assert_allclose(image(pipeline, prompt), image(plain, prompt), atol=1e-6, rtol=0)

@@ -284,6 +284,12 @@ class MultiControlNetModel(ModelMixin):
     cross_attention_context_is_input = True
 
     @property
+    def conditioning_passed_to(self) -> list[ControlNetModel]:
+        """The nets, each called with this module's ``encoder_hidden_states`` and ``added_cond_kwargs``
+        as given: ``conditioning_once`` computes their SDXL addition embeddings ahead."""
+        return list(self.nets)
+
+    @property
     def config(self) -> Any:  # type: ignore[override]
         """The first net's config (what the pipelines read: channel order, global pooling)."""
         return self.nets[0].config
