@@ -288,10 +288,6 @@ def bench_component(name: str) -> dict[str, Any]:
     from checkpoints import _clean, fill_random
 
     spec = architectures()
-    size = COMPONENT_SIZES[name] // 8
-    generator = torch.Generator("cuda").manual_seed(0)
-    sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
-    t = torch.tensor(500.0, device="cuda")
     result: dict[str, Any] = {"family": name, "size": COMPONENT_SIZES[name], "unet_ms": {}, "compile_s": {}}
     if name == "kandinsky22":
         import gesso_kandinsky.unet  # noqa: F401  (registers the Kandinsky blocks)
@@ -305,10 +301,10 @@ def bench_component(name: str) -> dict[str, Any]:
         with torch.device("meta"):
             ours = UNet2DConditionModel.from_config(config)
         ours.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()}, assign=True)
-        image = {"image_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16, generator=generator)}
-        ref_step = lambda: reference(sample, t, None, added_cond_kwargs=image)  # noqa: E731
+        args, kwargs = unet_inputs(reference, name)  # the probes' inputs: the same sample and image embedding
+        ref_step = lambda: reference(*args, **kwargs)  # noqa: E731
         our_modules = {"unet": ours}
-        our_step = lambda: our_modules["unet"](sample, t, None, added_cond_kwargs=image)  # noqa: E731
+        our_step = lambda: our_modules["unet"](*args, **kwargs)  # noqa: E731
     else:
         from gesso.nn import UNet2DConditionModel
         from gesso_controlnet.model import ControlNetModel
@@ -324,6 +320,10 @@ def bench_component(name: str) -> dict[str, Any]:
         our_unet.load_state_dict({k: v.clone() for k, v in ref_unet.state_dict().items()}, assign=True)
         our_net.load_state_dict({k: v.clone() for k, v in ref_net.state_dict().items()}, assign=True)
         our_modules = {"unet": our_unet, "controlnet": our_net}
+        size = COMPONENT_SIZES[name] // 8
+        generator = torch.Generator("cuda").manual_seed(0)
+        sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
+        t = torch.tensor(500.0, device="cuda")
         hidden = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16, generator=generator)
         control = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16, generator=generator)
 
