@@ -255,6 +255,35 @@ def test_a_plugins_optimization_joins_the_fast_preset_it_names(folder, plugin_ho
     assert [name for name, _ in ran] == ["after_fusion"] and ran[0][1] > 0  # order 12: after fuse_qkv's 10
 
 
+def test_a_familys_policy_adds_preset_members_for_that_family_only(folder, plugin_host, monkeypatch):
+    """``ExecutionPolicy.preset_members``: an optimization that pays for one family's models joins
+    ``fast`` for that family; the others' ``fast`` stays without it."""
+    import dataclasses
+
+    from gesso.config import presets
+    from gesso.contract import OptimizationSpec
+    from gesso.hookspecs import hookimpl
+    from gesso.optimize import compile as compile_module
+
+    ran = []
+
+    class Plugin:
+        @hookimpl
+        def register_optimizations(self, register):
+            register(OptimizationSpec(name="for_some", apply=lambda pipeline, policy: ran.append(policy), devices=("cpu",)))
+
+    host = plugin_host("gesso_sd15.plugin", Plugin())
+    policy = host.registry.families["sd15"].execution_policy
+    adding = dataclasses.replace(policy, preset_members={"fast": ("for_some", "not_registered")})
+    assert "for_some" not in presets(host.registry)["fast"] and "for_some" not in presets(host.registry, policy)["fast"]
+    assert presets(host.registry, adding)["fast"][-1] == "for_some"  # a name nobody registered is left out
+    monkeypatch.setattr(compile_module, "compile_blocks", lambda module, mode="default": None)  # CI time
+    optimize(AutoPipelineForText2Image.from_pretrained(folder), ["fast"], host=host)
+    assert ran == []
+    optimize(AutoPipelineForText2Image.from_pretrained(folder), ["fast"], host=host, policy=adding)
+    assert ran == [adding]
+
+
 def test_compile_modes_reach_torch_compile_and_graph_capturing_modes_are_refused(folder, monkeypatch):
     from gesso.optimize import compile as compile_module
 
@@ -293,3 +322,27 @@ def test_per_image_graphs_of_weights_that_move_after_a_call_or_two_give_way_to_e
     cuda_graph(pipeline, get_host().registry.families["sd15"].execution_policy)
     assert not pipeline.unet.forward.give_way_to_eager
     assert pipeline.text_encoder.forward.give_way_to_eager and pipeline.vae.decoder.forward.give_way_to_eager
+
+
+def test_cudnn_benchmark_is_on_inside_the_hot_loops_calls_only(folder):
+    from gesso.optimize import cudnn_benchmark
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    cudnn_benchmark(pipeline, get_host().registry.families["sd15"].execution_policy)
+    seen: dict[str, list[bool]] = {"unet": [], "vae": []}
+    pipeline.unet.conv_in.register_forward_pre_hook(lambda *_: seen["unet"].append(torch.backends.cudnn.benchmark))
+    pipeline.vae.decoder.conv_in.register_forward_pre_hook(lambda *_: seen["vae"].append(torch.backends.cudnn.benchmark))
+    assert torch.backends.cudnn.benchmark is False
+
+    images(pipeline)
+    assert seen["unet"] and all(seen["unet"])  # each step's convolutions may be timed...
+    assert seen["vae"] and not any(seen["vae"])  # ...the decoder's, outside the hot loop, keep the process's setting
+    assert torch.backends.cudnn.benchmark is False
+
+    def fail(*_):
+        raise RuntimeError("a step that fails")
+
+    pipeline.unet.conv_in.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        images(pipeline)
+    assert torch.backends.cudnn.benchmark is False  # restored on the way out of a failed call too

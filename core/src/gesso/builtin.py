@@ -98,6 +98,13 @@ OPTIMIZATIONS = (
     ("compile_full", "gesso.optimize.compile:compile_full", "torch.compile of each hot-loop module as one graph", ("cuda", "cpu"), 61),
     ("compile_vae", "gesso.optimize.compile:compile_vae", "torch.compile of the VAE decoder's blocks", ("cuda", "cpu"), 62),
     (
+        "cudnn_benchmark",
+        "gesso.optimize:cudnn_benchmark",
+        "cuDNN times its convolution algorithms for each shape the hot loop runs, once, and keeps the fastest",
+        ("cuda",),
+        70,  # inside cuda_graph's warm-up calls: the timing must not happen while a graph is captured
+    ),
+    (
         "cuda_graph",
         "gesso.optimize.cuda_graph:cuda_graph",
         "replay the denoiser, the text encoders and the VAE decoder from captured CUDA graphs",

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from gesso.contract import ExecutionPolicy
 from gesso.registry import Registry, did_you_mean
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -229,17 +230,20 @@ def check_optimization_options(options: Mapping[str, Any], names: Sequence[str],
                 raise ConfigError(f"{key}.{option}: unknown option{did_you_mean(str(option), list(accepted))}; {name!r} takes {takes}")
 
 
-def presets(registry: Registry) -> dict[str, list[str]]:
+def presets(registry: Registry, policy: ExecutionPolicy | None = None) -> dict[str, list[str]]:
     """Named sets of optimizations (``fast``): the core's members that are registered, then each
-    registered optimization that names the preset in its ``presets``."""
+    registered optimization that names the preset in its ``presets``, then (given a family's
+    ``policy``) the registered ones its ``preset_members`` adds."""
     from gesso.optimize import PRESETS
 
     found = {name: [n for n in names if n in registry.optimizations] for name, names in PRESETS.items()}
-    for spec in registry.optimizations.values():
-        for preset in spec.presets:
-            members = found.setdefault(preset, [])
-            if spec.name not in members:
-                members.append(spec.name)
+    additions = [(preset, spec.name) for spec in registry.optimizations.values() for preset in spec.presets]
+    if policy is not None:
+        additions += [(preset, name) for preset, names in policy.preset_members.items() for name in names if name in registry.optimizations]
+    for preset, name in additions:
+        members = found.setdefault(preset, [])
+        if name not in members:
+            members.append(name)
     return found
 
 

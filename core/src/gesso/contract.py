@@ -35,6 +35,8 @@ class ExecutionPolicy:
     names the other modules an image calls with fixed shapes (text encoders, ``"vae.decoder"``), which
     CUDA graphs replay too; ``image_decoder`` is the component that turns latents into pixels
     (the VAE; Kandinsky's MoVQ), the target of the decoder's layout, compilation and tiling.
+    ``preset_members`` adds optimizations to a preset for this family only: those measured to pay
+    for its models but not for every family's (Kandinsky 2.2: ``{"fast": ("cudnn_benchmark",)}``).
     """
 
     float32_components: tuple[str, ...] = ()
@@ -43,6 +45,7 @@ class ExecutionPolicy:
     hot_loop: tuple[str, ...] = ("unet",)
     per_image: tuple[str, ...] = ()
     image_decoder: str = "vae"
+    preset_members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ def optimize(
     family_spec = host.registry.families[family or pipeline.family]
     policy = policy or family_spec.execution_policy
     device_type = torch.device(device if device is not None else pipeline.device).type
-    known_presets = presets(host.registry)
+    known_presets = presets(host.registry, policy)
     chosen: dict[str, bool] = {}  # name -> named explicitly
     for name in names:
         for member in known_presets.get(name, [name]):

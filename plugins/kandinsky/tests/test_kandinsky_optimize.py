@@ -150,3 +150,13 @@ def test_compiled_attentions_read_each_images_keys_and_values(folder, monkeypatc
     for prompt in ("a cat", "a dog"):
         np.testing.assert_allclose(image(pipeline, prompt), image(compiled, prompt), atol=1e-5, rtol=0)
     assert pipeline.unet.forward.computations == 2
+
+
+def test_fast_times_the_decoders_convolution_algorithms_for_kandinsky_only():
+    """cuDNN's own pick is well off the fastest on the decoder's maps of 384, 1,152 and 1,536
+    channels, not on the other families' (measured in benchmarks/NOTES.md)."""
+    from gesso.config import presets
+
+    registry = get_host().registry
+    assert "cudnn_benchmark" in presets(registry, registry.families["kandinsky"].execution_policy)["fast"]
+    assert "cudnn_benchmark" not in presets(registry, registry.families["sd15"].execution_policy)["fast"]

@@ -8,6 +8,8 @@ then compilation, then CUDA-graph capture of what is compiled.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,6 +76,18 @@ def vae_tiling(pipeline: Any, policy: Any) -> None:
     vae.enable_tiling()
 
 
+def run_within(module: torch.nn.Module, context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    """Make every call of ``module`` run inside a fresh ``context()``: a setting that only its calls
+    should see, and that the rest of the process keeps as it was."""
+    forward = module.forward
+
+    def within(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+        with context():
+            return _forward(*args, **kwargs)
+
+    module.forward = within
+
+
 def _sdpa_backend(name: str) -> Any:
     def apply(pipeline: Any, policy: Any) -> None:
         """Run the hot loop's attention with one SDPA kernel family only."""
@@ -81,13 +95,7 @@ def _sdpa_backend(name: str) -> Any:
 
         backend = getattr(SDPBackend, name)
         for module in hot_loop_modules(pipeline, policy).values():
-            forward = module.forward
-
-            def restricted(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
-                with sdpa_kernel([backend]):
-                    return _forward(*args, **kwargs)
-
-            module.forward = restricted
+            run_within(module, lambda: sdpa_kernel([backend]))
 
     return apply
 
@@ -95,3 +103,30 @@ def _sdpa_backend(name: str) -> Any:
 sdpa_flash = _sdpa_backend("FLASH_ATTENTION")
 sdpa_cudnn = _sdpa_backend("CUDNN_ATTENTION")
 sdpa_efficient = _sdpa_backend("EFFICIENT_ATTENTION")
+
+
+@contextlib.contextmanager
+def cudnn_benchmarking() -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on for the block, and back to what it was after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def cudnn_benchmark(pipeline: Any, policy: Any) -> None:
+    """Let cuDNN time its convolution algorithms for each shape the hot loop runs, and keep the fastest.
+
+    Without it cuDNN picks an algorithm per shape from its heuristics, without running any; for
+    some shapes that pick is well off the fastest (Kandinsky 2.2's maps of 384, 1,152 and 1,536
+    channels; measured in ``benchmarks/NOTES.md``). PyTorch keeps the first choice made for a shape
+    for the rest of the process, whichever way it was made, so the timing is paid once, in the first
+    call of each shape (in a CUDA graph's warm-up calls, before its capture), and it must come before
+    any untimed call of that shape. Only the hot loop's calls run with the setting on: the rest of
+    the process keeps its own. Timing can pick another algorithm in another process when two are
+    about as fast, so images of two processes may differ in float16 rounding.
+    """
+    for module in hot_loop_modules(pipeline, policy).values():
+        run_within(module, cudnn_benchmarking)

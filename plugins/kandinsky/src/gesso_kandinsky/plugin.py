@@ -27,6 +27,7 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
                 hot_loop=("unet", "prior_prior"),  # the decoder's steps, then the prior's own 25
                 per_image=("prior_text_encoder", "prior_image_encoder", "movq.decoder"),
                 image_decoder="movq",
+                preset_members={"fast": ("cudnn_benchmark",)},  # its convolutions: benchmarks/NOTES.md, fifteenth session
             ),
             tiny_checkpoint="gesso_kandinsky.tiny:write_tiny_checkpoint",
         )
