@@ -158,6 +158,7 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
         "family": family,
         "optimizations": optimizations,
         "gpu_ms_per_step": total,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,  # weights, activations and any workspace cuDNN tried
         "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": e.key[:160], "ms": device_us(e) / STEPS_PROFILED / 1000, "calls": e.count // STEPS_PROFILED} for e in top],
         "ops_by_shape": [
@@ -171,7 +172,10 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
         ],
         "one_step_kernels": one_step,
     }
-    print(f"\n== {family} ({'+'.join(optimizations) or 'eager'}): GPU time per step {total:.2f} ms, {len(one_step)} kernels")
+    print(
+        f"\n== {family} ({'+'.join(optimizations) or 'eager'}): GPU time per step {total:.2f} ms, {len(one_step)} kernels, "
+        f"peak {report['peak_gib']:.2f} GiB"
+    )
     for label, ms in report["by_category_ms"].items():
         print(f"  {label:40s} {ms:6.2f} ms  {100 * ms / total:5.1f}%")
     print("  top kernels:")

@@ -342,12 +342,15 @@ def bench_component(name: str) -> dict[str, Any]:
     from types import SimpleNamespace
 
     from gesso.contract import ExecutionPolicy
+    from gesso.plugins import get_host
     from gesso.runner import optimize
 
     holder = SimpleNamespace(**our_modules, conditioners=[])
-    policy = ExecutionPolicy(hot_loop=tuple(our_modules))
+    family = "kandinsky" if name == "kandinsky22" else "sd15"
+    members = get_host().registry.families[family].execution_policy.preset_members  # what the family adds to fast
+    policy = ExecutionPolicy(hot_loop=tuple(our_modules), preset_members=members)
     for label, names in (("eager", []), ("fast", ["fast"])):
-        optimize(holder, names, device="cuda", family="kandinsky" if name == "kandinsky22" else "sd15", policy=policy)
+        optimize(holder, names, device="cuda", family=family, policy=policy)
         start = time.perf_counter()
         our_step()
         torch.cuda.synchronize()
