@@ -122,6 +122,11 @@ def main() -> None:
         "--families", nargs="+", default=["sd15", "sdxl", "controlnet"], choices=["sd15", "sdxl", "controlnet", "kandinsky"]
     )
     args = parser.parse_args()
+    if args.optimization == "cudnn_benchmark":  # both ways in one process would run the same algorithms
+        parser.error(
+            "cudnn_benchmark cannot be compared within one process (PyTorch keeps the first algorithm chosen for a shape); "
+            "time each way in a process of its own: benchmarks/profile_step.py --time --optimizations ... [cudnn_benchmark]"
+        )
     root = Path(tempfile.gettempdir()) / "gesso-bench"
     for family in args.families:  # one line each, as soon as it is measured
         print(json.dumps({family: probe(family, root, args.optimization)}, ensure_ascii=False), flush=True)
