@@ -226,6 +226,60 @@ def test_control_embeddings_once_an_image_follow_each_image_under_graphs_and_off
         assert float((a - c).abs().max()) < 1e-3, f"image {index}, offload"
 
 
+def test_controlnet_side_stream_gives_the_images_of_the_net_run_before_the_unet(tmp_path):
+    """One graph holds the net (on a forked stream) and the UNet: three control images, a second
+    net attached in place of the first (its weights are not those the graph was captured with), two
+    nets at once, and offload give the images of the net run before the UNet in graphs of their own."""
+    from gesso import AutoPipelineForText2Image, ControlNetModel
+    from gesso.optimize.cuda_graph import GraphedForward
+    from gesso.runner import optimize
+    from gesso_controlnet.side_stream import ControlNetAlongside
+    from gesso_controlnet.tiny import write_tiny_controlnet
+    from gesso_sd15.tiny import write_tiny_checkpoint
+    from PIL import Image
+
+    base = write_tiny_checkpoint(tmp_path / "base")
+    nets = [write_tiny_controlnet(tmp_path / f"net{seed}", seed=seed) for seed in range(2)]
+    controls = [
+        Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy()) for seed in range(3)
+    ]
+    in_turn = ["fuse_qkv", "channels_last", "cuda_graph", "cross_kv_once", "control_embedding_once"]
+
+    def load(net, optimizations):
+        controlnet = [ControlNetModel.from_pretrained(n, torch_dtype=torch.float16) for n in net] if isinstance(net, list) else None
+        controlnet = controlnet or ControlNetModel.from_pretrained(net, torch_dtype=torch.float16)
+        pipeline = AutoPipelineForText2Image.from_pretrained(base, controlnet=controlnet, torch_dtype=torch.float16, device_map="cuda")
+        optimize(pipeline, optimizations)
+        return pipeline
+
+    def image(pipeline, control):
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipeline("a cat", image=control, num_inference_steps=3, output_type="pt", generator=generator).images
+
+    def graphed(unet):
+        forward = unet.forward
+        while not isinstance(forward, GraphedForward):
+            forward = forward.forward
+        return forward
+
+    for extra in (["offload"], []):
+        before, alongside = load(nets[0], in_turn + extra), load(nets[0], [*in_turn, "controlnet_side_stream", *extra])
+        assert isinstance(graphed(alongside.unet).forward, ControlNetAlongside)
+        for index, control in enumerate(controls):
+            assert float((image(alongside, control) - image(before, control)).abs().max()) < 1e-3, f"image {index}, {extra}"
+    assert not graphed(alongside.controlnet).graphs  # the net ran inside the UNet's graph, never in one of its own
+
+    captures = graphed(alongside.unet).captures
+    for pipeline in (before, alongside):
+        pipeline.controlnet = ControlNetModel.from_pretrained(nets[1], torch_dtype=torch.float16).to("cuda")
+    assert float((image(alongside, controls[0]) - image(before, controls[0])).abs().max()) < 1e-3
+    assert graphed(alongside.unet).captures > captures  # captured again for the new net's weights
+
+    before, alongside = load(nets, in_turn), load(nets, [*in_turn, "controlnet_side_stream"])
+    two = [controls[0], controls[1]]
+    assert float((image(alongside, two) - image(before, two)).abs().max()) < 1e-3
+
+
 def test_device_map_copies_weights_from_locked_files_exactly(sd15_folder, monkeypatch):
     """``device_map="cuda"`` locks each weight file's mapping, copies every tensor unchanged, unlocks."""
     from gesso import AutoPipelineForText2Image
@@ -652,7 +706,7 @@ def test_denoising_loops_never_wait_for_the_gpu(tmp_path, family, scheduler):
         pipeline.scheduler = getattr(gesso.schedulers, scheduler).from_config(pipeline.scheduler.config)
     # the prompt's projections and the control image's embedding ahead of the steps, and the resnets'
     # columns, must not wait either
-    once = ["cross_kv_once", "control_embedding_once"] if family == "controlnet" else ["cross_kv_once"]
+    once = ["cross_kv_once", "control_embedding_once", "controlnet_side_stream"] if family == "controlnet" else ["cross_kv_once"]
     optimize(pipeline, ["fuse_time_projections", "cuda_graph", *once])
 
     def run(steps: int, prior_steps: int = 3) -> None:

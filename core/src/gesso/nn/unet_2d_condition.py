@@ -35,6 +35,7 @@ from gesso.nn.embeddings import TextProjection, TextTimeEmbedding, TimestepEmbed
 from gesso.nn.normalization import OutputGroupNorm
 from gesso.nn.time_projections import TimeProjections, fuse_resnet_time_projections
 from gesso.nn.unet_blocks import BlockSpec, build_block
+from gesso.streams import arrived
 
 AdditionEmbeddingFactory = Callable[[Mapping[str, Any], int], nn.Module]
 EncoderHidProjectionFactory = Callable[[Mapping[str, Any], Any], nn.Module]
@@ -377,9 +378,11 @@ class UNet2DConditionModel(ModelMixin):
         """Denoise one step. ``down_block_additional_residuals`` (one per skip connection) and
         ``mid_block_additional_residual`` are added to the skips and to the mid-block output: this
         is how a ControlNet steers the UNet; each is applied on its own (the reference reads
-        down-only residuals as T2I-Adapter input instead). Masks are keep-masks ``(B, N)`` (1 keeps
-        a token). ``cross_attention_kwargs`` is handed to cross-attention blocks for plugin blocks
-        to use; the built-in blocks ignore it (there are no swappable attention processors).
+        down-only residuals as T2I-Adapter input instead). Either may be a ``gesso.streams.InFlight``
+        still being computed on another CUDA stream: the down blocks run before the UNet waits for
+        it. Masks are keep-masks ``(B, N)`` (1 keeps a token). ``cross_attention_kwargs`` is handed
+        to cross-attention blocks for plugin blocks to use; the built-in blocks ignore it (there are
+        no swappable attention processors).
         """
         added_cond_kwargs = added_cond_kwargs or {}
         # Odd sizes: upsamplers must then reach the skip's exact size instead of simply doubling.
@@ -408,6 +411,10 @@ class UNet2DConditionModel(ModelMixin):
         for block in self.down_blocks:
             hidden_states, block_skips = block(hidden_states, emb, **cross) if block.has_cross_attention else block(hidden_states, emb)
             skips.extend(block_skips)
+        # Residuals may still be computed on another stream (gesso.streams): the down blocks above
+        # ran alongside that work; from here on the UNet reads them.
+        down_block_additional_residuals = arrived(down_block_additional_residuals)
+        mid_block_additional_residual = arrived(mid_block_additional_residual)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(

@@ -14,13 +14,21 @@ captures again when they differ. A capture costs about ``WARMUP_CALLS`` eager ca
 module whose weights moved after serving no more calls than that (a text encoder or decoder under
 offload, lent to the GPU for one or two calls an image) runs eager from then on, as graphs cannot pay
 there. A denoiser keeps capturing: its calls an image are the steps, which the next call may raise.
+
+A graphed module may run another one inside its call (the UNet runs the ControlNet under
+``controlnet_side_stream``): the inner module's kernels then become part of the outer graph. A
+wrapper beneath the graph says what that needs through two optional methods, found down the chain
+of wrappers: ``also_reads()``, the other modules whose weights the graph reads and watches as its
+own, and ``before_replay(*args, **kwargs)``, the Python work of a call that a replay would skip
+(the inner module's once-an-image work, done outside the graph as its own wrappers would).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,6 +39,22 @@ from gesso.optimize import hot_loop_modules, per_image_modules
 logger = logging.getLogger("gesso")
 
 WARMUP_CALLS = 2
+
+#: How deep this thread is in graphed calls that run their forward (warm-up or capture).
+_running = threading.local()
+
+
+def _running_depth() -> int:
+    return getattr(_running, "depth", 0)
+
+
+def _down_the_chain(forward: Any, method: str) -> Callable[..., Any] | None:
+    """``method`` of the first wrapper down ``forward``'s chain of wrappers that has it."""
+    while forward is not None:
+        if callable(getattr(forward, method, None)):
+            return getattr(forward, method)
+        forward = getattr(forward, "forward", None)
+    return None
 
 
 def _detached_copy(value: Any) -> Any:
@@ -77,9 +101,12 @@ class GraphPool:
 class GraphedForward:
     """Wraps a module's ``forward``; captures one graph per input signature and replays it.
 
-    ``module`` is the module whose weights the graphs read: when any of them has moved since the
-    capture, the graphs are dropped and captured again, or, with ``give_way_to_eager``, given up for
-    good when they served too few calls to pay for their capture.
+    ``module`` is the module whose weights the graphs read, with the modules that ``forward``'s
+    ``also_reads()`` names: when any of their weights has moved since the capture, the graphs are
+    dropped and captured again, or, with ``give_way_to_eager``, given up for good when they served
+    too few calls to pay for their capture. Called while another graphed module runs its forward,
+    it runs its own forward: its kernels go into that module's warm-up or capture. ``forward``'s
+    ``before_replay`` runs before each replay.
     """
 
     def __init__(
@@ -91,6 +118,9 @@ class GraphedForward:
     ) -> None:
         self.forward = forward
         self.weights = list(dict.fromkeys([*module.parameters(), *module.buffers()])) if module is not None else []
+        self.also_reads: Callable[[], Iterable[torch.nn.Module]] | None = _down_the_chain(forward, "also_reads")
+        self.before_replay = _down_the_chain(forward, "before_replay")
+        self._others: tuple[tuple[torch.nn.Module, ...], list[torch.Tensor]] = ((), [])  # also_reads' modules, their weights
         self.placement: tuple[int, ...] = self._placement()
         self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
         self.pool = pool if pool is not None else GraphPool()
@@ -100,9 +130,18 @@ class GraphedForward:
         self.eager = False
 
     def _placement(self) -> tuple[int, ...]:
-        return tuple(map(torch.Tensor.data_ptr, self.weights))
+        placement = tuple(map(torch.Tensor.data_ptr, self.weights))
+        if self.also_reads is None:
+            return placement
+        modules = tuple(self.also_reads())
+        if len(modules) != len(self._others[0]) or any(a is not b for a, b in zip(modules, self._others[0])):
+            # listed once per set of modules, as self.weights is: a call walks no module tree
+            self._others = modules, [w for m in modules for w in dict.fromkeys([*m.parameters(), *m.buffers()])]
+        return placement + tuple(map(torch.Tensor.data_ptr, self._others[1]))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _running_depth():  # inside another graphed module's warm-up or capture: part of its graph
+            return self.forward(*args, **kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if self.eager or not tensors or tensors[0].device.type != "cuda" or torch.is_grad_enabled():
@@ -122,6 +161,8 @@ class GraphedForward:
         for static, value in zip(static_flat, flat):
             if isinstance(static, torch.Tensor):
                 static.copy_(value)
+        if self.before_replay is not None:
+            self.before_replay(*args, **kwargs)
         graph.replay()
         return _detached_copy(static_out)
 
@@ -139,13 +180,17 @@ class GraphedForward:
         args, kwargs = pytree.tree_unflatten(static_flat, spec)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_CALLS):
-                self.forward(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool.handle):
-            static_out = self.forward(*args, **kwargs)
+        _running.depth = _running_depth() + 1
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_CALLS):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool.handle):
+                static_out = self.forward(*args, **kwargs)
+        finally:
+            _running.depth -= 1
         self.captures += 1
         return graph, static_flat, static_out
 

@@ -101,16 +101,20 @@ class OncePerInput:
             return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.prepare(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+    def prepare(self, *args: Any, **kwargs: Any) -> None:
+        """The work ahead of a call with these arguments, without the call (see :func:`prepare_ahead`)."""
         tensors = self.inputs(self.value(args, kwargs))
         if tensors is None or torch.is_grad_enabled():
             # nothing to compute ahead, or gradients must flow through the work
             self.clear()
-            return self.forward(*args, **kwargs)
+            return
         key = self._key(tensors)
         if key is None or key != self.last_key:  # untracked (inference tensors): computed at every call
             self._compute(tensors)
             self.last_tensors, self.last_key = tensors, key
-        return self.forward(*args, **kwargs)
 
     @torch.no_grad()
     def _compute(self, tensors: list[torch.Tensor]) -> None:
@@ -131,6 +135,23 @@ class OncePerInput:
         """Forget the last input: the module computes its work during the call again."""
         self.install(None)
         self.last_tensors = self.last_key = None
+
+
+def prepare_ahead(forward: Any, *args: Any, **kwargs: Any) -> None:
+    """Do the work of each ``OncePerInput`` at the top of ``forward``'s chain of wrappers for a call
+    with these arguments, without making the call. For a module that another module's graphed call
+    runs (``controlnet_side_stream``): its once-wrappers must run outside that graph, before it, and
+    the graph then calls what :func:`beneath_once_wrappers` returns."""
+    while isinstance(forward, OncePerInput):
+        forward.prepare(*args, **kwargs)
+        forward = forward.forward
+
+
+def beneath_once_wrappers(forward: Any) -> Any:
+    """The callable that ``forward``'s ``OncePerInput`` wrappers call, without them."""
+    while isinstance(forward, OncePerInput):
+        forward = forward.forward
+    return forward
 
 
 def wraps_already(module: torch.nn.Module, kind: type[OncePerInput]) -> bool:

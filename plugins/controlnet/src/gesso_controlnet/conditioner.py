@@ -32,9 +32,17 @@ def as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+#: The UNet's keyword argument that carries a step's net call when the UNet runs the net itself
+#: (``controlnet_side_stream``): ``{"arguments": the net's keyword arguments, "split": bool}``.
+NET_CALL = "controlnet_call"
+
+
 class ControlNetConditioner(Conditioner):
     name = "controlnet"
     call_parameters = dict(CONFIG_KEYS)
+    #: Set by ``controlnet_side_stream``: each step hands the UNet the net's arguments (``NET_CALL``)
+    #: instead of the net's residuals, and the UNet runs the net alongside its down blocks.
+    runs_in_unet = False
 
     def __init__(self, pipeline: Any) -> None:
         self._pipeline = weakref.ref(pipeline)
@@ -213,9 +221,9 @@ class ControlNetConditioner(Conditioner):
             model_input = model_input.chunk(2)[1]
             hidden = hidden.chunk(2)[1]
             added = {k: v.chunk(2)[1] for k, v in added.items()} if added is not None else None
-        down, mid = pipeline.controlnet(
-            model_input,
-            timestep,
+        arguments = dict(
+            sample=model_input,
+            timestep=timestep,
             encoder_hidden_states=hidden,
             controlnet_cond=state.images,
             conditioning_scale=scale,
@@ -223,7 +231,15 @@ class ControlNetConditioner(Conditioner):
             added_cond_kwargs=added,
             return_dict=False,
         )
-        if state.split:  # nothing added to the unconditional half
+        if self.runs_in_unet:  # the UNet makes the call inside its own
+            return {NET_CALL: {"arguments": arguments, "split": state.split}}
+        return self.residuals(pipeline.controlnet, arguments, state.split)
+
+    @staticmethod
+    def residuals(net: Any, arguments: dict[str, Any], split: bool) -> dict[str, Any]:
+        """The UNet's residual arguments from a call of ``net`` (the module, or its forward) with ``arguments``."""
+        down, mid = net(**arguments)
+        if split:  # nothing added to the unconditional half
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -50,3 +50,14 @@ def register_optimizations(register: Callable[[OptimizationSpec], None]) -> None
             presets=("fast",),
         )
     )
+    register(
+        OptimizationSpec(
+            name="controlnet_side_stream",
+            apply="gesso_controlnet.side_stream:controlnet_side_stream",
+            description="the ControlNet on a second CUDA stream, alongside the UNet's down blocks (one graph for both under cuda_graph)",
+            devices=("cuda",),
+            families=("sd15", "sdxl"),
+            order=75,  # inside cuda_graph's capture of the UNet's call, which then holds the net's kernels too
+            presets=("fast",),
+        )
+    )
