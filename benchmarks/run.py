@@ -24,6 +24,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -280,46 +281,66 @@ def measure_variant(
     pipeline = None  # free its GPU memory before the next variant
 
 
+class _Holder(SimpleNamespace):
+    """The pipeline attributes a conditioner and the optimizations read (weak-referenceable, unlike SimpleNamespace)."""
+
+
+def controlnet_step(holder: Any, sample: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, control: torch.Tensor) -> Any:
+    """One ControlNet + UNet step as the pipeline makes it: the conditioner's step inputs (the net's
+    residuals, or, under ``controlnet_side_stream``, its call for the UNet to make), then the UNet's call."""
+    from gesso_controlnet.conditioner import ControlNetConditioner
+
+    conditioner = next(c for c in holder.conditioners if isinstance(c, ControlNetConditioner))
+    state = SimpleNamespace(images=control, scale=1.0, starts=[0.0], ends=[1.0], guess_mode=False, split=False)
+    call, conditioning = SimpleNamespace(controlnet_state=state), SimpleNamespace(encoder_hidden_states=hidden, added_cond_kwargs=None)
+
+    def step() -> Any:
+        extra = conditioner.step_inputs(holder, call, 0, t, sample, conditioning)
+        return holder.unet(sample, t, hidden, return_dict=False, **extra)
+
+    return step
+
+
 @torch.no_grad()
 def bench_component(name: str) -> dict[str, Any]:
     """Denoiser step of a family whose pipeline is not timed here: the reference module built from
-    the published config with random weights, gesso's module loaded with the same state dict."""
+    the published config with random weights, gesso's modules loaded anew for each variant with the
+    same state dict. For the ControlNet, gesso's step goes through the conditioner as in a pipeline."""
     import diffusers
     from checkpoints import _clean, fill_random
+    from gesso.config import presets
+    from gesso.contract import ExecutionPolicy
+    from gesso.nn import UNet2DConditionModel
+    from gesso.plugins import get_host
+    from gesso.runner import optimize
 
     spec = architectures()
     result: dict[str, Any] = {"family": name, "size": COMPONENT_SIZES[name], "unet_ms": {}, "compile_s": {}}
     if name == "kandinsky22":
         import gesso_kandinsky.unet  # noqa: F401  (registers the Kandinsky blocks)
-        from gesso.nn import UNet2DConditionModel
 
-        config = _clean(spec["kandinsky22"]["unet"])
+        configs = {"unet": (UNet2DConditionModel, _clean(spec["kandinsky22"]["unet"]))}
         with torch.device("cuda"):
-            reference = diffusers.UNet2DConditionModel(**config)
+            reference = diffusers.UNet2DConditionModel(**configs["unet"][1])
         fill_random(reference, 0)
-        reference.half()
-        with torch.device("meta"):
-            ours = UNet2DConditionModel.from_config(config)
-        ours.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()}, assign=True)
+        references = {"unet": reference.half()}
         args, kwargs = unet_inputs(reference, name)  # the probes' inputs: the same sample and image embedding
         ref_step = lambda: reference(*args, **kwargs)  # noqa: E731
-        our_modules = {"unet": ours}
-        our_step = lambda: our_modules["unet"](*args, **kwargs)  # noqa: E731
     else:
-        from gesso.nn import UNet2DConditionModel
+        from gesso_controlnet.conditioner import ControlNetConditioner
         from gesso_controlnet.model import ControlNetModel
 
-        unet_config, net_config = _clean(spec["sd15"]["unet"]), _clean(spec["controlnet_sd15"]["controlnet"])
+        configs = {
+            "unet": (UNet2DConditionModel, _clean(spec["sd15"]["unet"])),
+            "controlnet": (ControlNetModel, _clean(spec["controlnet_sd15"]["controlnet"])),
+        }
         with torch.device("cuda"):
-            ref_unet, ref_net = diffusers.UNet2DConditionModel(**unet_config), diffusers.ControlNetModel(**net_config)
+            ref_unet = diffusers.UNet2DConditionModel(**configs["unet"][1])
+            ref_net = diffusers.ControlNetModel(**configs["controlnet"][1])
         for index, module in enumerate((ref_unet, ref_net)):
             fill_random(module, index)
             module.half()
-        with torch.device("meta"):
-            our_unet, our_net = UNet2DConditionModel.from_config(unet_config), ControlNetModel.from_config(net_config)
-        our_unet.load_state_dict({k: v.clone() for k, v in ref_unet.state_dict().items()}, assign=True)
-        our_net.load_state_dict({k: v.clone() for k, v in ref_net.state_dict().items()}, assign=True)
-        our_modules = {"unet": our_unet, "controlnet": our_net}
+        references = {"unet": ref_unet, "controlnet": ref_net}
         size = COMPONENT_SIZES[name] // 8
         generator = torch.Generator("cuda").manual_seed(0)
         sample = torch.randn(2, 4, size, size, device="cuda", dtype=torch.float16, generator=generator)
@@ -331,25 +352,30 @@ def bench_component(name: str) -> dict[str, Any]:
             down, mid = ref_net(sample, t, hidden, controlnet_cond=control, return_dict=False)
             return ref_unet(sample, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
-        def our_step() -> Any:
-            down, mid = our_modules["controlnet"](sample, t, hidden, controlnet_cond=control, return_dict=False)
-            return our_modules["unet"](sample, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-
     result["unet_ms"]["reference eager"] = cuda_median_ms(ref_step)
     print(f"[{name}] reference eager: {result['unet_ms']['reference eager']:.2f} ms/step", flush=True)
-    reference = ref_unet = ref_net = None  # noqa: F841  (free before timing ours)
-    free()
-    from types import SimpleNamespace
+    states = {key: module.state_dict() for key, module in references.items()}
+    reference = ref_unet = ref_net = references = None  # noqa: F841  (their weights live on in the state dicts)
 
-    from gesso.contract import ExecutionPolicy
-    from gesso.plugins import get_host
-    from gesso.runner import optimize
-
-    holder = SimpleNamespace(**our_modules, conditioners=[])
     family = "kandinsky" if name == "kandinsky22" else "sd15"
-    members = get_host().registry.families[family].execution_policy.preset_members  # what the family adds to fast
-    policy = ExecutionPolicy(hot_loop=tuple(our_modules), preset_members=members)
-    for label, names in (("eager", []), ("fast", ["fast"])):
+    registry = get_host().registry
+    members = registry.families[family].execution_policy.preset_members  # what the family adds to fast
+    policy = ExecutionPolicy(hot_loop=tuple(configs), preset_members=members)
+    variants: dict[str, list[str]] = {"eager": [], "fast": ["fast"]}
+    if name == "controlnet_sd15":  # the same run with the net before the UNet, as before controlnet_side_stream
+        fast = [n for n in presets(registry, policy)["fast"] if registry.optimizations[n].supports(family, "cuda") is None]
+        variants = {"eager": [], "fast, net before the UNet": [n for n in fast if n != "controlnet_side_stream"], "fast": ["fast"]}
+    for label, names in variants.items():
+        with torch.device("meta"):
+            modules = {key: cls.from_config(config) for key, (cls, config) in configs.items()}
+        for key, module in modules.items():
+            module.load_state_dict({k: v.clone() for k, v in states[key].items()}, assign=True)
+        holder = _Holder(**modules, conditioners=[], num_timesteps=50, family=family)
+        if name == "controlnet_sd15":
+            holder.conditioners.append(ControlNetConditioner(holder))
+            our_step = controlnet_step(holder, sample, t, hidden, control)
+        else:
+            our_step = lambda holder=holder: holder.unet(*args, **kwargs)  # noqa: E731
         optimize(holder, names, device="cuda", family=family, policy=policy)
         start = time.perf_counter()
         our_step()
@@ -358,6 +384,8 @@ def bench_component(name: str) -> dict[str, Any]:
         result["unet_ms"][f"gesso {label}"] = cuda_median_ms(our_step)
         result["compile_s"][f"gesso {label}"] = first
         print(f"[{name}] gesso {label}: {result['unet_ms'][f'gesso {label}']:.2f} ms/step (first call {first:.1f} s)", flush=True)
+        holder = modules = our_step = None  # noqa: F841
+        free()
     return result
 
 

@@ -4,13 +4,15 @@ process, alternating.
     python benchmarks/probes/one_optimization.py [--optimization NAME] [--families sd15 sdxl controlnet kandinsky]
 
 Full-size random weights, float16, both pipelines loaded side by side from one checkpoint folder,
-`compile_vae` on both; "without" is the core's `fast` preset less NAME where it is a member. Per
-family: the denoiser step replayed from its CUDA graph (median of CUDA-event timings, three rounds
-each way, the inputs the same tensors at every call as in a generation; for `controlnet`, the net's
-call alone; for `kandinsky`, the decoder UNet at 768x768), one image end to end (median of four each
+`compile_vae` on both; "without" is `fast` as the family gets it (plugins' members included) less
+NAME where it is a member. Per family: the denoiser step replayed from its CUDA graph (median of
+CUDA-event timings, three rounds each way, the inputs the same tensors at every call as in a
+generation; for `controlnet`, the net's and the UNet's calls through the conditioner, as a pipeline
+step makes them; for `kandinsky`, the decoder UNet at 768x768), one image end to end (median of four each
 way; Kandinsky: one, prior included, at its default 512x512), the largest difference between the two
 ways' images, and the memory held. Prints one JSON line per family. (It measured `cross_kv_once`,
-`fuse_time_projections`, `control_embedding_once` and `conditioning_once` before they joined `fast`.)
+`fuse_time_projections`, `control_embedding_once`, `conditioning_once` and `controlnet_side_stream`
+before they joined `fast`.)
 """
 
 from __future__ import annotations
@@ -28,16 +30,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoints import _clean, architectures, existing_or_written, fill_random  # noqa: E402
-from run import cuda_median_ms, unet_inputs  # noqa: E402
+from run import controlnet_step, cuda_median_ms, unet_inputs  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette"
 
 
-def ways(name: str) -> dict[str, list[str]]:
-    """The two ways compared: ``fast`` (less ``name``) + ``compile_vae``, and the same with ``name``."""
-    from gesso.optimize import PRESETS
+def ways(name: str, family: str) -> dict[str, list[str]]:
+    """The two ways compared: ``fast`` (less ``name``) + ``compile_vae``, and the same with ``name``;
+    ``fast`` as the family gets it, plugins' members included."""
+    from gesso.config import presets
+    from gesso.plugins import get_host
 
-    without = [member for member in PRESETS["fast"] if member != name] + ["compile_vae"]
+    registry = get_host().registry
+    plugin_family = {"controlnet": "sd15"}.get(family, family)
+    fast = presets(registry, registry.families[plugin_family].execution_policy)["fast"]
+    without = [m for m in fast if m != name and registry.optimizations[m].supports(plugin_family, "cuda") is None] + ["compile_vae"]
     return {f"fast without {name}": without, f"fast with {name}": [*without, name]}
 
 
@@ -88,7 +95,7 @@ def probe(family: str, root: Path, name: str) -> dict[str, Any]:
     folder = existing_or_written(base, root / base)
     controlnet = controlnet_folder(root / "controlnet_sd15") if family == "controlnet" else None
     extra = {"image": control_image()} if controlnet is not None else {}
-    pipelines = {way: load(folder, names, controlnet) for way, names in ways(name).items()}
+    pipelines = {way: load(folder, names, controlnet) for way, names in ways(name, family).items()}
     result: dict[str, Any] = {"step_ms": {way: [] for way in pipelines}, "image_s": {way: [] for way in pipelines}}
     images: dict[str, torch.Tensor] = {}
     for round_ in range(2 if family == "kandinsky" else 5):
@@ -97,14 +104,14 @@ def probe(family: str, root: Path, name: str) -> dict[str, Any]:
             if round_:  # the first round compiles and captures
                 result["image_s"][way].append(seconds)
     control = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
-    result["step"] = "the UNet's call" if controlnet is None else "the ControlNet's call alone"
+    result["step"] = "the UNet's call" if controlnet is None else "the ControlNet's and the UNet's, through the conditioner"
     for _ in range(3):
         for way, pipeline in pipelines.items():
             args, kwargs = unet_inputs(pipeline.unet, base)
             if controlnet is None:
                 step = lambda p=pipeline, a=args, k=kwargs: p.unet(*a, **k)  # noqa: E731
             else:
-                step = lambda p=pipeline, a=args, k=kwargs: p.controlnet(*a, controlnet_cond=control, return_dict=False, **k)  # noqa: E731
+                step = controlnet_step(pipeline, *args, kwargs["encoder_hidden_states"], control)
             result["step_ms"][way].append(round(cuda_median_ms(step), 3))
     result["image_s"] = {way: round(statistics.median(t), 4) for way, t in result["image_s"].items()}
     first, second = images.values()

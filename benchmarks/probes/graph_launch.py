@@ -1,0 +1,81 @@
+"""Probe: what a replay of a large CUDA graph costs beyond its kernels.
+
+    python benchmarks/probes/graph_launch.py [--family sd15]
+
+The ControlNet's step ran 0.32 ms faster as one graph than as the net's graph then the UNet's,
+back to back (``benchmarks/NOTES.md``, sixteenth session). If every replay of a large graph costs
+that much on the GPU, every family pays it once a step. Full-size random weights, float16, batch 2,
+``fast``'s members less ``cuda_graph``; medians of CUDA-event timings per UNet call:
+
+- one call a graph, one replay a timing (what ``benchmarks/run.py`` times);
+- one call a graph, two replays back to back a timing, halved;
+- two calls in one graph, one replay a timing, halved;
+- a one-kernel graph, one replay a timing (the cost of a replay with nothing in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_step import build  # noqa: E402
+from run import cuda_median_ms  # noqa: E402
+
+
+def captured(fn: Any, calls: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``calls`` calls of ``fn`` captured as one graph after three warm-up calls; returns the graph
+    and what its last call returned (the graph's output buffers)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    return graph, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    args = parser.parse_args()
+
+    from gesso.config import presets
+    from gesso.contract import ExecutionPolicy
+    from gesso.plugins import get_host
+    from gesso.runner import optimize
+
+    registry = get_host().registry
+    modules, step, family = build(args.family)
+    policy = ExecutionPolicy(hot_loop=tuple(modules))
+    names = [
+        n for n in presets(registry, policy)["fast"] if n != "cuda_graph" and registry.optimizations[n].supports(family, "cuda") is None
+    ]
+    optimize(SimpleNamespace(**modules, conditioners=[]), names, device="cuda", family=family, policy=policy)
+    with torch.no_grad():
+        (one, _), (two, _) = captured(step), captured(step, 2)
+        x = torch.zeros(1, device="cuda")
+        empty, _ = captured(lambda: x.add_(1))
+        ms = {}
+        for _ in range(2):  # two rounds, alternating
+            ms.setdefault("one call a graph, one replay", []).append(cuda_median_ms(one.replay))
+            ms.setdefault("one call a graph, two replays, halved", []).append(cuda_median_ms(lambda: (one.replay(), one.replay())) / 2)
+            ms.setdefault("two calls in one graph, halved", []).append(cuda_median_ms(two.replay) / 2)
+            ms.setdefault("a one-kernel graph", []).append(cuda_median_ms(empty.replay))
+    for name, values in ms.items():
+        print(f"{name:42s} " + " / ".join(f"{v:.3f}" for v in values) + " ms", flush=True)
+    print(json.dumps({"family": args.family, "optimizations": names, "ms": ms}))
+
+
+if __name__ == "__main__":
+    main()
