@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from graph_launch import captured  # noqa: E402  (this folder: the script's own)
+from layer_norm import captured  # noqa: E402  (this folder: the script's own)
 from profile_step import build  # noqa: E402
 from run import cuda_median_ms  # noqa: E402
 

@@ -20,29 +20,13 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from layer_norm import captured  # noqa: E402  (this folder: the script's own)
 from profile_step import build  # noqa: E402
 from run import cuda_median_ms  # noqa: E402
-
-
-def captured(fn: Any, calls: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """``calls`` calls of ``fn`` captured as one graph after three warm-up calls; returns the graph
-    and what its last call returned (the graph's output buffers)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            out = fn()
-    return graph, out
 
 
 def main() -> None:

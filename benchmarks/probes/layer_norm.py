@@ -36,8 +36,9 @@ def add_ln(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, o_ptr, rows, C: tl.constexpr, BLOC
     tl.store(o_ptr + r * C + c, (d * rstd * w + b).to(tl.float16), mask=mask)
 
 
-def graph_time(fn, calls=20, reps=30):
-    """Median microseconds per call of ``fn``, replayed ``calls`` times per CUDA graph."""
+def captured(fn, calls=1):
+    """``calls`` calls of ``fn`` captured as one graph after three warm-up calls on a side stream;
+    returns the graph and what its last call returned (the graph's output buffers)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -47,7 +48,13 @@ def graph_time(fn, calls=20, reps=30):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(calls):
-            fn()
+            out = fn()
+    return g, out
+
+
+def graph_time(fn, calls=20, reps=30):
+    """Median microseconds per call of ``fn``, replayed ``calls`` times per CUDA graph."""
+    g, _ = captured(fn, calls)
     for _ in range(5):
         g.replay()
     times = []
