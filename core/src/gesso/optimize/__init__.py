@@ -28,6 +28,14 @@ def hot_loop_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in modules.items() if isinstance(m, torch.nn.Module)}
 
 
+def wrapper_chain(forward: Any) -> Iterator[Any]:
+    """``forward``, then each callable it wraps: optimizations wrap a module's ``forward`` with objects
+    that keep the one they wrap as their own ``forward`` attribute."""
+    while forward is not None:
+        yield forward
+        forward = getattr(forward, "forward", None)
+
+
 def per_image_modules(pipeline: Any, policy: Any) -> dict[str, torch.nn.Module]:
     """The modules run once per image with fixed shapes: the family's ``per_image`` paths
     (``"vae.decoder"`` reaches a submodule), those the pipeline has."""

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gesso.optimize import hot_loop_modules, per_image_modules
+from gesso.optimize import hot_loop_modules, per_image_modules, wrapper_chain
 
 logger = logging.getLogger("gesso")
 
@@ -50,11 +50,7 @@ def _running_depth() -> int:
 
 def _down_the_chain(forward: Any, method: str) -> Callable[..., Any] | None:
     """``method`` of the first wrapper down ``forward``'s chain of wrappers that has it."""
-    while forward is not None:
-        if callable(getattr(forward, method, None)):
-            return getattr(forward, method)
-        forward = getattr(forward, "forward", None)
-    return None
+    return next((getattr(f, method) for f in wrapper_chain(forward) if callable(getattr(f, method, None))), None)
 
 
 def _detached_copy(value: Any) -> Any:

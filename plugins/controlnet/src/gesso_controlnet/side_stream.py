@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import torch
+from gesso.optimize import wrapper_chain
 from gesso.optimize.once import beneath_once_wrappers, prepare_ahead
 from gesso.streams import InFlight
 
@@ -91,10 +92,7 @@ def controlnet_side_stream(pipeline: Any, policy: Any) -> None:
         # a whole-module compile goes through the module's __call__, which the UNet's call would bypass for the net
         logger.info("controlnet_side_stream: the UNet or the ControlNet is compiled whole (compile_full); nothing changed")
         return
-    forward = unet.forward
-    while forward is not None:
-        if isinstance(forward, ControlNetAlongside):
-            return
-        forward = getattr(forward, "forward", None)
+    if any(isinstance(forward, ControlNetAlongside) for forward in wrapper_chain(unet.forward)):
+        return
     unet.forward = ControlNetAlongside(unet.forward, conditioner)
     conditioner.runs_in_unet = True
