@@ -21,14 +21,13 @@ import sys
 import traceback
 from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import _clean, architectures, fill_random  # noqa: E402
-from run import cuda_median_ms, unet_inputs  # noqa: E402
+from run import PipelineStandIn, controlnet_step, cuda_median_ms, unet_inputs  # noqa: E402
 
 SIZES = {"sd15": 512, "sdxl": 1024, "kandinsky22": 768, "controlnet_sd15": 512}
 STEPS_PROFILED = 10
@@ -67,8 +66,10 @@ def category(name: str) -> str:
     return "other"
 
 
-def build(family: str) -> tuple[dict[str, torch.nn.Module], Any, str]:
-    """The family's hot-loop modules on the GPU in float16, and a function running one step."""
+def build(family: str) -> tuple[Any, Any, str]:
+    """A pipeline stand-in holding the family's hot-loop modules on the GPU in float16 (their names in
+    ``holder.hot_loop``; a ControlNet comes with its conditioner, as in a pipeline), a function running
+    one step, and the family's plugin name."""
     from gesso.nn import UNet2DConditionModel
 
     spec = architectures()
@@ -78,7 +79,8 @@ def build(family: str) -> tuple[dict[str, torch.nn.Module], Any, str]:
     with torch.device("cuda"):
         unet = UNet2DConditionModel.from_config(_clean(spec[unet_family]["unet"]))
     fill_random(unet, 0)
-    modules: dict[str, torch.nn.Module] = {"unet": unet.half()}
+    plugin_family = "kandinsky" if family == "kandinsky22" else unet_family
+    holder = PipelineStandIn(unet=unet.half(), hot_loop=("unet",), conditioners=[], num_timesteps=50, family=plugin_family)
     if family == "kandinsky22":  # conditioned on an image embedding, not on text
         generator = torch.Generator("cuda").manual_seed(0)
         size = SIZES[family] // 8
@@ -87,25 +89,19 @@ def build(family: str) -> tuple[dict[str, torch.nn.Module], Any, str]:
         kwargs: dict[str, Any] = {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": image}}
     else:
         args, kwargs = unet_inputs(unet, unet_family)
-    if family == "controlnet_sd15":
+    if family == "controlnet_sd15":  # through the conditioner, so that controlnet_side_stream applies as in a pipeline
+        from gesso_controlnet.conditioner import ControlNetConditioner
         from gesso_controlnet.model import ControlNetModel
 
         with torch.device("cuda"):
             net = ControlNetModel.from_config(_clean(spec["controlnet_sd15"]["controlnet"]))
         fill_random(net, 1)
-        modules["controlnet"] = net.half()
+        holder.controlnet, holder.hot_loop = net.half(), ("unet", "controlnet")
+        holder.conditioners.append(ControlNetConditioner(holder))
         control = torch.rand(2, 3, SIZES[family], SIZES[family], device="cuda", dtype=torch.float16)
-
-        def step() -> Any:
-            down, mid = modules["controlnet"](*args, **kwargs, controlnet_cond=control, return_dict=False)
-            return modules["unet"](*args, **kwargs, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-
-    else:
-
-        def step() -> Any:
-            return modules["unet"](*args, **kwargs)
-
-    return modules, step, "kandinsky" if family == "kandinsky22" else unet_family
+        sample, t = args
+        return holder, controlnet_step(holder, sample, t, kwargs["encoder_hidden_states"], control), plugin_family
+    return holder, lambda: holder.unet(*args, **kwargs), plugin_family
 
 
 def is_kernel(event: Any) -> bool:
@@ -123,8 +119,8 @@ def profile_family(family: str, optimizations: list[str], out: Path | None, time
     from gesso.runner import optimize
     from torch.profiler import ProfilerActivity, profile
 
-    modules, step, plugin_family = build(family)
-    holder, policy = SimpleNamespace(**modules, conditioners=[]), ExecutionPolicy(hot_loop=tuple(modules))
+    holder, step, plugin_family = build(family)
+    policy = ExecutionPolicy(hot_loop=holder.hot_loop)
     optimize(holder, optimizations, device="cuda", family=plugin_family, policy=policy)
     with torch.no_grad():
         for _ in range(5):

@@ -281,7 +281,7 @@ def measure_variant(
     pipeline = None  # free its GPU memory before the next variant
 
 
-class _Holder(SimpleNamespace):
+class PipelineStandIn(SimpleNamespace):
     """The pipeline attributes a conditioner and the optimizations read (weak-referenceable, unlike SimpleNamespace)."""
 
 
@@ -370,7 +370,7 @@ def bench_component(name: str) -> dict[str, Any]:
             modules = {key: cls.from_config(config) for key, (cls, config) in configs.items()}
         for key, module in modules.items():
             module.load_state_dict({k: v.clone() for k, v in states[key].items()}, assign=True)
-        holder = _Holder(**modules, conditioners=[], num_timesteps=50, family=family)
+        holder = PipelineStandIn(**modules, conditioners=[], num_timesteps=50, family=family)
         if name == "controlnet_sd15":
             holder.conditioners.append(ControlNetConditioner(holder))
             our_step = controlnet_step(holder, sample, t, hidden, control)

@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("family", choices=sorted(SIZES))
     parser.add_argument("benchmark", choices=["on", "off"], help="torch.backends.cudnn.benchmark for the whole process")
     args = parser.parse_args()
-    modules, step, _ = build(args.family)
-    for module in modules.values():
-        module.to(memory_format=torch.channels_last)
+    holder, step, _ = build(args.family)
+    for name in holder.hot_loop:
+        getattr(holder, name).to(memory_format=torch.channels_last)
     x = torch.randn(1, 8, 16, 16, device="cuda", dtype=torch.float16)
     torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device="cuda", dtype=torch.float16))  # load cuDNN first
     torch.cuda.synchronize()

@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -40,12 +39,12 @@ def main() -> None:
     from gesso.runner import optimize
 
     registry = get_host().registry
-    modules, step, family = build(args.family)
-    policy = ExecutionPolicy(hot_loop=tuple(modules))
+    holder, step, family = build(args.family)
+    policy = ExecutionPolicy(hot_loop=holder.hot_loop)
     names = [
         n for n in presets(registry, policy)["fast"] if n != "cuda_graph" and registry.optimizations[n].supports(family, "cuda") is None
     ]
-    optimize(SimpleNamespace(**modules, conditioners=[]), names, device="cuda", family=family, policy=policy)
+    optimize(holder, names, device="cuda", family=family, policy=policy)
     with torch.no_grad():
         (one, _), (two, _) = captured(step), captured(step, 2)
         x = torch.zeros(1, device="cuda")

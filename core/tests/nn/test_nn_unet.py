@@ -14,6 +14,7 @@ from gesso.nn import (
     register_block,
     register_encoder_hid_projection,
 )
+from gesso.streams import InFlight
 from nn_parity import assert_close, perturb_vectors
 from torch import nn
 
@@ -106,21 +107,50 @@ def test_sdxl_tiny_text_time_parity():
         ours(**x, added_cond_kwargs={"text_embeds": added["text_embeds"]})
 
 
+def controlnet_residuals(seed: int = 5) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Residuals for SD15_TINY's skips and mid block, as a ControlNet hands them over."""
+    g = torch.Generator().manual_seed(seed)
+    # conv_in + 1 resnet at 16x16, downsample, 1 resnet at 8x8, downsample, 1 resnet at 4x4
+    shapes = [(32, 16, 16)] * 2 + [(32, 8, 8), (64, 8, 8), (64, 4, 4), (64, 4, 4)]
+    return tuple(torch.randn(2, *shape, generator=g) for shape in shapes), torch.randn(2, 64, 4, 4, generator=g)
+
+
 @torch.no_grad()
 def test_controlnet_residual_injection():
     reference, ours = build_pair(SD15_TINY)
     x = inputs()
-    g = torch.Generator().manual_seed(5)
-    # conv_in + 1 resnet at 16x16, downsample, 1 resnet at 8x8, downsample, 1 resnet at 4x4
-    shapes = [(32, 16, 16)] * 2 + [(32, 8, 8), (64, 8, 8), (64, 4, 4), (64, 4, 4)]
-    skips = [torch.randn(2, *shape, generator=g) for shape in shapes]
-    mid = torch.randn(2, 64, 4, 4, generator=g)
-    kwargs = dict(down_block_additional_residuals=tuple(skips), mid_block_additional_residual=mid)
+    skips, mid = controlnet_residuals()
+    kwargs = dict(down_block_additional_residuals=skips, mid_block_additional_residual=mid)
     expected = reference(**x, **kwargs).sample
     assert_close(ours(**x, **kwargs).sample, expected)
     assert not torch.allclose(ours(**x).sample, expected, atol=1e-4)
     with pytest.raises(ValueError, match="down_block_additional_residuals"):
-        ours(**x, down_block_additional_residuals=tuple(skips[:-1]), mid_block_additional_residual=mid)
+        ours(**x, down_block_additional_residuals=skips[:-1], mid_block_additional_residual=mid)
+
+
+class _Recorded(InFlight):
+    """An ``InFlight`` whose wait, instead of joining a CUDA stream, notes when the UNet made it."""
+
+    def wait(self):
+        self.stream.append("residuals read")
+        return self.value
+
+
+@torch.no_grad()
+def test_residuals_in_flight_are_waited_for_only_after_the_mid_block():
+    # What lets a ControlNet on a second stream overlap the UNet's down blocks and mid block: the UNet
+    # joins that stream only once it needs the residuals, and adds them as it would given tensors.
+    _, ours = build_pair(SD15_TINY)
+    x = inputs()
+    skips, mid = controlnet_residuals()
+    events: list[str] = []
+    ours.mid_block.register_forward_pre_hook(lambda module, args: events.append("mid block"))
+    for block in ours.up_blocks:
+        block.register_forward_pre_hook(lambda module, args: events.append("up block"))
+    in_flight = ours(**x, down_block_additional_residuals=_Recorded(skips, events), mid_block_additional_residual=_Recorded(mid, events))
+    assert events[:4] == ["mid block", "residuals read", "residuals read", "up block"]
+    expected = ours(**x, down_block_additional_residuals=skips, mid_block_additional_residual=mid)
+    assert torch.equal(in_flight.sample, expected.sample)
 
 
 @pytest.mark.parametrize("size", [(9, 11), (12, 6)])

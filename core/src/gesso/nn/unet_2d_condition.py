@@ -379,8 +379,8 @@ class UNet2DConditionModel(ModelMixin):
         ``mid_block_additional_residual`` are added to the skips and to the mid-block output: this
         is how a ControlNet steers the UNet; each is applied on its own (the reference reads
         down-only residuals as T2I-Adapter input instead). Either may be a ``gesso.streams.InFlight``
-        still being computed on another CUDA stream: the down blocks run before the UNet waits for
-        it. Masks are keep-masks ``(B, N)`` (1 keeps a token). ``cross_attention_kwargs`` is handed
+        still being computed on another CUDA stream: the down blocks and the mid block run before the
+        UNet waits for it. Masks are keep-masks ``(B, N)`` (1 keeps a token). ``cross_attention_kwargs`` is handed
         to cross-attention blocks for plugin blocks to use; the built-in blocks ignore it (there are
         no swappable attention processors).
         """
@@ -411,8 +411,12 @@ class UNet2DConditionModel(ModelMixin):
         for block in self.down_blocks:
             hidden_states, block_skips = block(hidden_states, emb, **cross) if block.has_cross_attention else block(hidden_states, emb)
             skips.extend(block_skips)
-        # Residuals may still be computed on another stream (gesso.streams): the down blocks above
-        # ran alongside that work; from here on the UNet reads them.
+        if self.mid_block is not None:
+            hidden_states = (
+                self.mid_block(hidden_states, emb, **cross) if self.mid_block.has_cross_attention else self.mid_block(hidden_states, emb)
+            )
+        # Residuals may still be computed on another stream (gesso.streams): the down blocks and the
+        # mid block above ran alongside that work, as neither reads them; from here on the UNet does.
         down_block_additional_residuals = arrived(down_block_additional_residuals)
         mid_block_additional_residual = arrived(mid_block_additional_residual)
         if down_block_additional_residuals is not None:
@@ -421,11 +425,6 @@ class UNet2DConditionModel(ModelMixin):
                     f"down_block_additional_residuals: expected {len(skips)} tensors, got {len(down_block_additional_residuals)}"
                 )
             skips = [skip + extra for skip, extra in zip(skips, down_block_additional_residuals)]
-
-        if self.mid_block is not None:
-            hidden_states = (
-                self.mid_block(hidden_states, emb, **cross) if self.mid_block.has_cross_attention else self.mid_block(hidden_states, emb)
-            )
         if mid_block_additional_residual is not None:
             hidden_states = hidden_states + mid_block_additional_residual
 

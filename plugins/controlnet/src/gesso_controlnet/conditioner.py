@@ -41,7 +41,7 @@ class ControlNetConditioner(Conditioner):
     name = "controlnet"
     call_parameters = dict(CONFIG_KEYS)
     #: Set by ``controlnet_side_stream``: each step hands the UNet the net's arguments (``NET_CALL``)
-    #: instead of the net's residuals, and the UNet runs the net alongside its down blocks.
+    #: instead of the net's residuals, and the UNet runs the net alongside its down blocks and mid block.
     runs_in_unet = False
 
     def __init__(self, pipeline: Any) -> None:

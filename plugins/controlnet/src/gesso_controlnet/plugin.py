@@ -54,7 +54,7 @@ def register_optimizations(register: Callable[[OptimizationSpec], None]) -> None
         OptimizationSpec(
             name="controlnet_side_stream",
             apply="gesso_controlnet.side_stream:controlnet_side_stream",
-            description="the ControlNet on a second CUDA stream, alongside the UNet's down blocks (one graph for both under cuda_graph)",
+            description="the ControlNet on a second CUDA stream, alongside the UNet's down blocks and mid block (one graph for both under cuda_graph)",
             devices=("cuda",),
             families=("sd15", "sdxl"),
             order=75,  # inside cuda_graph's capture of the UNet's call, which then holds the net's kernels too

@@ -1,7 +1,7 @@
 """``controlnet_side_stream``: the ControlNet runs on a second CUDA stream while the UNet's down blocks run.
 
-The UNet's down blocks do not read the net's residuals: it adds them to its skips only after its
-last down block. Run one after the other, the two leave the GPU partly idle: at 512x512 the
+Neither the UNet's down blocks nor its mid block read the net's residuals: it adds them to its skips
+and to the mid block's output only after that block. Run one after the other, the two leave the GPU partly idle: at 512x512 the
 kernels of their 16x16 and 8x8 levels fill a fraction of the multiprocessors, and each kernel of a
 graph waits about a microsecond for the one before. On two streams, each fills the other's gaps.
 
@@ -82,7 +82,7 @@ class ControlNetAlongside:
 
 
 def controlnet_side_stream(pipeline: Any, policy: Any) -> None:
-    """Run the ControlNet on a second CUDA stream, alongside the UNet's down blocks."""
+    """Run the ControlNet on a second CUDA stream, alongside the UNet's down blocks and mid block."""
     conditioner = next((c for c in getattr(pipeline, "conditioners", []) if isinstance(c, ControlNetConditioner)), None)
     unet = getattr(pipeline, "unet", None)
     if conditioner is None or not isinstance(unet, torch.nn.Module):
