@@ -7,25 +7,17 @@ test changes one thing the embedding depends on and compares with nets that embe
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
+from controlnet_cases import control_image, write_base_and_nets
 from gesso import AutoPipelineForText2Image, ControlNetModel
 from gesso.runner import optimize
 from gesso_controlnet.optimize import ControlEmbeddingOnce
-from gesso_controlnet.tiny import write_tiny_controlnet
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from gesso_sd15.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("control-embedding-once")
-    return {"base": write_tiny_checkpoint(root / "base"), "nets": [write_tiny_controlnet(root / f"net{i}", seed=i) for i in range(2)]}
-
-
-def control_image(seed: int) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+    return write_base_and_nets(tmp_path_factory.mktemp("control-embedding-once"))
 
 
 def pipeline(files, *optimizations, nets=1):

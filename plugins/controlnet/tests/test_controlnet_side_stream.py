@@ -11,12 +11,13 @@ runs the net first, the same code path less the streams.
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
+from controlnet_cases import control_image, write_base_and_nets
 from gesso import AutoPipelineForText2Image, ControlNetModel
 from gesso.config import ConfigError, presets
 from gesso.contract import ExecutionPolicy
+from gesso.optimize import wrapper_chain
 from gesso.plugins import get_host
 from gesso.runner import optimize
 from gesso_controlnet.optimize import ControlEmbeddingOnce
@@ -26,14 +27,7 @@ from gesso_controlnet.tiny import write_tiny_controlnet
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from gesso_sd15.tiny import write_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("controlnet-side-stream")
-    return {"base": write_tiny_checkpoint(root / "base"), "nets": [write_tiny_controlnet(root / f"net{i}", seed=i) for i in range(2)]}
-
-
-def control_image(seed: int) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+    return write_base_and_nets(tmp_path_factory.mktemp("controlnet-side-stream"))
 
 
 def pipeline(files, *optimizations, side_stream=False, nets=1):
@@ -53,10 +47,7 @@ def images(pipeline, seeds, steps=3, **call):
 
 def embedder(net):
     """The ``ControlEmbeddingOnce`` among the wrappers of ``net.forward``."""
-    forward = net.forward
-    while not isinstance(forward, ControlEmbeddingOnce):
-        forward = forward.forward
-    return forward
+    return next(forward for forward in wrapper_chain(net.forward) if isinstance(forward, ControlEmbeddingOnce))
 
 
 def test_the_unet_runs_the_net_of_each_step_and_gives_the_images_of_the_net_run_first(files):
