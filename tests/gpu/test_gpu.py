@@ -524,6 +524,51 @@ def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
         assert abs(a - b).max() < 1e-3
 
 
+def test_decoder_attention_in_bfloat16_parts_changes_sdxls_decode_less_than_its_tf32_convolutions_do():
+    """SDXL's full-size float32 decoder at 1024x1024: its attention from bfloat16 parts moves the image
+    less than the TF32 convolutions that both libraries decode with already; replayed from a CUDA graph
+    it gives what it gives eagerly."""
+    from gesso.nn import AutoencoderKL
+    from gesso.nn.attention import Attention
+    from gesso.optimize.decoder_attention import decoder_sdpa
+
+    from benchmarks.checkpoints import _clean, architectures, fill_random
+
+    with torch.device("cuda"):
+        vae = AutoencoderKL.from_config(_clean(architectures()["sdxl"]["vae"])).eval()
+    fill_random(vae, 0)
+    latents = torch.randn(1, 4, 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    @torch.no_grad()
+    def decode() -> torch.Tensor:
+        return vae.decode(latents).sample.float()
+
+    library = decode()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ieee_convolutions = decode()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    attentions = [m for m in vae.decoder.modules() if isinstance(m, Attention)]
+    assert attentions
+    for attention in attentions:
+        attention.sdpa = decoder_sdpa
+    ours = decode()
+    assert 0 < relative_error(ours, library) < relative_error(ieee_convolutions, library)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode()
+    graph.replay()
+    assert relative_error(captured, ours) < 1e-6
+
+
 def test_compiled_kandinsky_prior_gives_the_eager_image_embeddings(tmp_path):
     """The prior as a hot loop under `fast`: fused q/k/v, Inductor-compiled blocks, one graph for its steps."""
     from gesso import AutoPipelineForText2Image

@@ -80,6 +80,13 @@ OPTIMIZATIONS = (
     ("sdpa_flash", "gesso.optimize:sdpa_flash", "attention through the flash SDPA kernel only", ("cuda",), 30),
     ("sdpa_cudnn", "gesso.optimize:sdpa_cudnn", "attention through the cuDNN SDPA kernel only", ("cuda",), 30),
     ("sdpa_efficient", "gesso.optimize:sdpa_efficient", "attention through the memory-efficient SDPA kernel only", ("cuda", "cpu"), 30),
+    (
+        "decoder_attention_bf16x3",
+        "gesso.optimize.decoder_attention:decoder_attention_bf16x3",
+        "a float32 image decoder's attention (SDXL's) as bfloat16 tensor-core products in two parts, not IEEE float32",
+        ("cuda",),
+        35,
+    ),
     ("vae_tiling", "gesso.optimize:vae_tiling", "decode large images in overlapping tiles", ("cuda", "cpu"), 40),
     (
         "compile",

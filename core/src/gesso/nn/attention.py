@@ -7,6 +7,8 @@ reference (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ``proj_in`` ...) so publis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,10 @@ class Attention(nn.Module):
     decoders conditioned on the latent. ``upcast_attention`` is recorded for completeness: SDPA
     already accumulates the softmax in float32 in its fused kernels.
     """
+
+    #: Runs the attention in place of ``F.scaled_dot_product_attention`` (same arguments), where an
+    #: optimization set one on the module (``decoder_attention_bf16x3``).
+    sdpa: Callable[..., torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -131,7 +137,7 @@ class Attention(nn.Module):
         query, key, value = (self._split_heads(x) for x in self._project(hidden_states, context, encoder_hidden_states is None))
         if attention_mask is not None and attention_mask.ndim == 3:
             attention_mask = attention_mask[:, None]  # broadcast over heads
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = (self.sdpa or F.scaled_dot_product_attention)(query, key, value, attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         out = self.to_out[1](self.to_out[0](out))
 

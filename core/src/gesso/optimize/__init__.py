@@ -16,7 +16,16 @@ import torch
 
 #: Named sets of optimizations (the CLI's ``optimizations=[fast]``).
 PRESETS: dict[str, list[str]] = {
-    "fast": ["fuse_qkv", "fuse_time_projections", "channels_last", "compile", "cuda_graph", "cross_kv_once", "conditioning_once"]
+    "fast": [
+        "fuse_qkv",
+        "fuse_time_projections",
+        "channels_last",
+        "compile",
+        "cuda_graph",
+        "cross_kv_once",
+        "conditioning_once",
+        "decoder_attention_bf16x3",
+    ]
 }
 
 
