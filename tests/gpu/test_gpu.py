@@ -502,7 +502,8 @@ def test_graphed_text_encoder_and_decoder_give_the_eager_results(sd15_folder):
     torch.testing.assert_close(graphed[1], eager[1], rtol=0, atol=1e-3)
 
 
-def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
+@pytest.mark.parametrize("also", [[], ["decoder_attention_bf16x3"]], ids=["graphs", "graphs+decoder_attention_bf16x3"])
+def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path, also):
     from gesso import AutoPipelineForText2Image
     from gesso.runner import optimize
     from gesso_sdxl.tiny import write_tiny_checkpoint
@@ -517,7 +518,7 @@ def test_graphed_sdxl_decodes_in_float32_without_capturing_per_image(tmp_path):
         ]
         return [result.images for result in results], pipeline
 
-    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph"])
+    (plain, _), (graphed, pipeline) = images([]), images(["cuda_graph", *also])
     assert pipeline.vae.dtype == torch.float32
     assert pipeline.vae.decoder.forward.captures == 1 and pipeline.text_encoder_2.forward.captures == 1
     for a, b in zip(graphed, plain):
