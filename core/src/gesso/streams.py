@@ -1,8 +1,8 @@
 """Tensors whose kernels were queued on another CUDA stream, handed to code that runs on the current one.
 
 Two pieces of a step that do not depend on each other can run at the same time on one GPU when
-their kernels go to two streams: a ControlNet and the UNet's down blocks and mid block, after
-which the UNet first reads the net's residuals (``controlnet_side_stream`` in the ControlNet plugin). The
+their kernels go to two streams: a ControlNet and the UNet's down blocks and mid block, after which
+the UNet first reads the net's residuals (``controlnet_side_stream`` in the ControlNet plugin). The
 consumer must not read such tensors before the other stream has written them, so they travel as
 :class:`InFlight`, and the consumer calls :func:`arrived` where it first reads them: its stream waits
 for the other there, and not earlier, which is what lets the two overlap. Captured in a CUDA graph,

@@ -1,7 +1,8 @@
 """Attention and the transformer blocks that UNets put between their resnets.
 
 All attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-memory-efficient kernels where the device has them). Module and parameter names follow the
+memory-efficient kernels where the device has them), or through what an optimization set as a
+module's ``sdpa`` (``decoder_attention_bf16x3``: a float32 decoder's, on tensor cores). Module and parameter names follow the
 reference (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ``proj_in`` ...) so published weights load.
 """
 

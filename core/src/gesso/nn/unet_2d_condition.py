@@ -379,10 +379,10 @@ class UNet2DConditionModel(ModelMixin):
         ``mid_block_additional_residual`` are added to the skips and to the mid-block output: this
         is how a ControlNet steers the UNet; each is applied on its own (the reference reads
         down-only residuals as T2I-Adapter input instead). Either may be a ``gesso.streams.InFlight``
-        still being computed on another CUDA stream: the down blocks and the mid block run before the
-        UNet waits for it. Masks are keep-masks ``(B, N)`` (1 keeps a token). ``cross_attention_kwargs`` is handed
-        to cross-attention blocks for plugin blocks to use; the built-in blocks ignore it (there are
-        no swappable attention processors).
+        still being computed on another CUDA stream: the down blocks and the mid block run before
+        the UNet waits for it. Masks are keep-masks ``(B, N)`` (1 keeps a token).
+        ``cross_attention_kwargs`` is handed to cross-attention blocks for plugin blocks to use; the
+        built-in blocks ignore it (there are no swappable attention processors).
         """
         added_cond_kwargs = added_cond_kwargs or {}
         # Odd sizes: upsamplers must then reach the skip's exact size instead of simply doubling.

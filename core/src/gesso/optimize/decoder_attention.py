@@ -12,7 +12,7 @@ Instead each float32 operand ``x`` is split into two bfloat16 parts, ``high = bf
 is below float32's own rounding of the sum), accumulated in float32 by the tensor cores. bfloat16
 keeps float32's exponent range, which is why the decoder is float32 at all; the two parts carry
 16 of float32's 24 mantissa bits, so the attention's output is about ten times closer to IEEE
-float32 than TF32's products would be (relative 4e-5 against 4e-4), and far closer than the TF32
+float32 than TF32's products would be (relative 2.6e-5 against 4.4e-4), and far closer than the TF32
 convolutions around it. The softmax stays in float32, over chunks of queries whose scores take a
 bounded amount of scratch memory. On an H200 the attention of SDXL's 1024x1024 decode takes 6.0 ms
 instead of SDPA's 14.1 ms (``benchmarks/probes/decode_attention.py``).
