@@ -281,6 +281,16 @@ def measure_variant(
     pipeline = None  # free its GPU memory before the next variant
 
 
+def fast_members(family: str, policy: Any) -> list[str]:
+    """``fast``'s members that apply to ``family`` on a CUDA device, as ``optimize`` expands the preset
+    under ``policy`` (the plugins' members and the policy's ``preset_members`` included)."""
+    from gesso.config import presets
+    from gesso.plugins import get_host
+
+    registry = get_host().registry
+    return [n for n in presets(registry, policy)["fast"] if registry.optimizations[n].supports(family, "cuda") is None]
+
+
 class PipelineStandIn(SimpleNamespace):
     """The pipeline attributes a conditioner and the optimizations read (weak-referenceable, unlike SimpleNamespace)."""
 
@@ -308,7 +318,6 @@ def bench_component(name: str) -> dict[str, Any]:
     same state dict. For the ControlNet, gesso's step goes through the conditioner as in a pipeline."""
     import diffusers
     from checkpoints import _clean, fill_random
-    from gesso.config import presets
     from gesso.contract import ExecutionPolicy
     from gesso.nn import UNet2DConditionModel
     from gesso.plugins import get_host
@@ -363,7 +372,7 @@ def bench_component(name: str) -> dict[str, Any]:
     policy = ExecutionPolicy(hot_loop=tuple(configs), preset_members=members)
     variants: dict[str, list[str]] = {"eager": [], "fast": ["fast"]}
     if name == "controlnet_sd15":  # the same run with the net before the UNet, as before controlnet_side_stream
-        fast = [n for n in presets(registry, policy)["fast"] if registry.optimizations[n].supports(family, "cuda") is None]
+        fast = fast_members(family, policy)
         variants = {"eager": [], "fast, net before the UNet": [n for n in fast if n != "controlnet_side_stream"], "fast": ["fast"]}
     for label, names in variants.items():
         with torch.device("meta"):

@@ -35,7 +35,7 @@ from gesso.streams import InFlight
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layer_norm import captured  # noqa: E402  (this folder: the script's own)
 from profile_step import build  # noqa: E402
-from run import cuda_median_ms  # noqa: E402
+from run import cuda_median_ms, fast_members  # noqa: E402
 
 
 def main() -> None:
@@ -43,18 +43,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from gesso.config import presets
     from gesso.contract import ExecutionPolicy
-    from gesso.plugins import get_host
     from gesso.runner import optimize
 
-    registry = get_host().registry
     built, _, family = build("controlnet_sd15")
     modules = {name: getattr(built, name) for name in built.hot_loop}
     policy = ExecutionPolicy(hot_loop=built.hot_loop)
-    names = [
-        n for n in presets(registry, policy)["fast"] if n != "cuda_graph" and registry.optimizations[n].supports(family, "cuda") is None
-    ]
+    names = [n for n in fast_members(family, policy) if n != "cuda_graph"]
     holder = SimpleNamespace(**modules, conditioners=[])
     optimize(holder, names, device="cuda", family=family, policy=policy)
     unet, net = modules["unet"], modules["controlnet"]

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layer_norm import captured  # noqa: E402  (this folder: the script's own)
 from profile_step import build  # noqa: E402
-from run import cuda_median_ms  # noqa: E402
+from run import cuda_median_ms, fast_members  # noqa: E402
 
 
 def main() -> None:
@@ -33,17 +33,12 @@ def main() -> None:
     parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
     args = parser.parse_args()
 
-    from gesso.config import presets
     from gesso.contract import ExecutionPolicy
-    from gesso.plugins import get_host
     from gesso.runner import optimize
 
-    registry = get_host().registry
     holder, step, family = build(args.family)
     policy = ExecutionPolicy(hot_loop=holder.hot_loop)
-    names = [
-        n for n in presets(registry, policy)["fast"] if n != "cuda_graph" and registry.optimizations[n].supports(family, "cuda") is None
-    ]
+    names = [n for n in fast_members(family, policy) if n != "cuda_graph"]
     optimize(holder, names, device="cuda", family=family, policy=policy)
     with torch.no_grad():
         (one, _), (two, _) = captured(step), captured(step, 2)

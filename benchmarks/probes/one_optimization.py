@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoints import _clean, architectures, existing_or_written, fill_random  # noqa: E402
-from run import controlnet_step, cuda_median_ms, unet_inputs  # noqa: E402
+from run import controlnet_step, cuda_median_ms, fast_members, unet_inputs  # noqa: E402
 
 PROMPT = "an astronaut in a jungle, cold color palette"
 
@@ -38,13 +38,11 @@ PROMPT = "an astronaut in a jungle, cold color palette"
 def ways(name: str, family: str) -> dict[str, list[str]]:
     """The two ways compared: ``fast`` (less ``name``) + ``compile_vae``, and the same with ``name``;
     ``fast`` as the family gets it, plugins' members included."""
-    from gesso.config import presets
     from gesso.plugins import get_host
 
-    registry = get_host().registry
     plugin_family = {"controlnet": "sd15"}.get(family, family)
-    fast = presets(registry, registry.families[plugin_family].execution_policy)["fast"]
-    without = [m for m in fast if m != name and registry.optimizations[m].supports(plugin_family, "cuda") is None] + ["compile_vae"]
+    fast = fast_members(plugin_family, get_host().registry.families[plugin_family].execution_policy)
+    without = [m for m in fast if m != name] + ["compile_vae"]
     return {f"fast without {name}": without, f"fast with {name}": [*without, name]}
 
 

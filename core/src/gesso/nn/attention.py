@@ -2,8 +2,9 @@
 
 All attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
 memory-efficient kernels where the device has them), or through what an optimization set as a
-module's ``sdpa`` (``decoder_attention_bf16x3``: a float32 decoder's, on tensor cores). Module and parameter names follow the
-reference (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ``proj_in`` ...) so published weights load.
+module's ``sdpa`` (``decoder_attention_bf16x3``: a float32 decoder's, on tensor cores). Module and
+parameter names follow the reference (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ``proj_in`` ...) so
+published weights load.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Neither the UNet's down blocks nor its mid block read the net's residuals: it adds them to its skips
 and to the mid block's output only after that block. Run one after the other, the two leave the GPU
 partly idle: at 512x512 the kernels of their 16x16 and 8x8 levels fill a fraction of the
-multiprocessors, and each kernel of a graph waits about a microsecond for the one before. On two streams, each fills the other's gaps.
+multiprocessors, and each kernel of a graph waits about a microsecond for the one before. On two
+streams, each fills the other's gaps.
 
 The UNet runs the net itself, so that under ``cuda_graph`` one graph holds both, the net on a forked
 branch that joins where the UNet first reads the residuals (``gesso.streams``). At each step the
