@@ -231,6 +231,7 @@ def test_controlnet_side_stream_gives_the_images_of_the_net_run_before_the_unet(
     net attached in place of the first (its weights are not those the graph was captured with), two
     nets at once, and offload give the images of the net run before the UNet in graphs of their own."""
     from gesso import AutoPipelineForText2Image, ControlNetModel
+    from gesso.optimize import wrapper_chain
     from gesso.optimize.cuda_graph import GraphedForward
     from gesso.runner import optimize
     from gesso_controlnet.side_stream import ControlNetAlongside
@@ -256,11 +257,8 @@ def test_controlnet_side_stream_gives_the_images_of_the_net_run_before_the_unet(
         generator = torch.Generator("cpu").manual_seed(0)
         return pipeline("a cat", image=control, num_inference_steps=3, output_type="pt", generator=generator).images
 
-    def graphed(unet):
-        forward = unet.forward
-        while not isinstance(forward, GraphedForward):
-            forward = forward.forward
-        return forward
+    def graphed(module):
+        return next(forward for forward in wrapper_chain(module.forward) if isinstance(forward, GraphedForward))
 
     for extra in (["offload"], []):
         before, alongside = load(nets[0], in_turn + extra), load(nets[0], [*in_turn, "controlnet_side_stream", *extra])

@@ -72,8 +72,9 @@ def test_arguments_that_change_over_the_steps_or_per_call_reach_the_net(files):
 
 
 def test_each_image_gets_its_own_control_embedding_though_the_unet_calls_the_net_beneath_its_wrapper(files):
-    """``control_embedding_once`` wraps the net's forward, which the UNet does not call: the
-    conditioner does the wrapper's work before each step, so a new image is embedded anew."""
+    """``control_embedding_once`` wraps the net's forward, which the UNet does not call: the UNet's
+    wrapper does that work in its own call (before each replay, under graphs), so a new image is
+    embedded anew."""
     plain = pipeline(files)
     alongside = pipeline(files, "control_embedding_once", "cross_kv_once", side_stream=True)
     embeddings = []
