@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from gesso import AutoPipelineForText2Image
 from gesso.nn.attention import Attention
 from gesso.optimize import decoder_attention
-from gesso.optimize.decoder_attention import attention_in_bfloat16_parts, decoder_attention_bf16x3, decoder_sdpa, split_bfloat16
+from gesso.optimize.decoder_attention import (
+    attention_in_bfloat16_parts,
+    compiled_softmax_in_bfloat16_parts,
+    decoder_attention_bf16x3,
+    decoder_sdpa,
+    softmax_in_bfloat16_parts,
+    split_bfloat16,
+)
 from gesso.plugins import get_host
 
 
@@ -38,6 +45,26 @@ def test_two_bfloat16_parts_keep_sixteen_significant_bits():
     assert high.dtype == low.dtype == torch.bfloat16
     assert ((high.double() + low.double() - x.double()).abs() / x.double().abs()).max() < 2**-16
     assert ((high.double() - x.double()).abs() / x.double().abs()).max() > 2**-10  # the high part alone does not
+
+
+def test_the_compiled_softmax_keeps_the_low_parts_that_inductor_would_fold_away():
+    scores = torch.randn(16, 300, generator=torch.Generator().manual_seed(4)) * 4
+    high, low = compiled_softmax_in_bfloat16_parts()(scores)  # Inductor's C++ code here, Triton's on a GPU
+    exact = scores.double().softmax(dim=-1)
+    assert high.dtype == low.dtype == torch.bfloat16 and bool(low.any())
+    error = relative_error(high.double() + low.double(), exact)
+    eager_high, eager_low = softmax_in_bfloat16_parts(scores)
+    assert error < 2 * relative_error(eager_high.double() + eager_low.double(), exact)  # as close as the eager parts
+    assert error < relative_error(high, exact) / 100  # and far closer than the high part alone
+
+
+def test_without_triton_the_softmax_and_its_split_stay_eager(monkeypatch):
+    monkeypatch.setattr(decoder_attention.importlib.util, "find_spec", lambda name: None)
+    decoder_attention.fused_softmax_in_bfloat16_parts.cache_clear()
+    try:
+        assert decoder_attention.fused_softmax_in_bfloat16_parts() is softmax_in_bfloat16_parts
+    finally:
+        decoder_attention.fused_softmax_in_bfloat16_parts.cache_clear()
 
 
 def test_attention_from_parts_is_float32_attention_to_sixteen_bits():
