@@ -23,7 +23,7 @@ whose two APIs refuse to be read once mixed. Ways timed here, each on the same i
 - ``gesso, 64 MiB of scores a chunk``: half the queries a chunk (less scratch, twice the launches).
 
 Then times SDXL's whole float32 decode at 1024x1024 (full-size VAE, random weights, eager) with the
-attention as SDPA and as gesso's.
+attention as SDPA, as gesso's, and as gesso's with the softmax and split eager.
 
 Prints the median ms of each and its largest error against float64, relative to the output's
 largest value; the decoder's inputs are random normal, scaled as a group-normed map would be.
@@ -129,7 +129,7 @@ def time_decodes() -> dict[str, Any]:
     from gesso.nn import AutoencoderKL
     from gesso.nn.attention import Attention
 
-    def eager_softmax(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
+    def parts_with_eager_softmax(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
         return attention_in_bfloat16_parts(query, key, value)
 
     with torch.device("cuda"):
@@ -139,7 +139,7 @@ def time_decodes() -> dict[str, Any]:
     attentions = [m for m in vae.decoder.modules() if isinstance(m, Attention)]
     times: dict[str, Any] = {"sdpa": [], "bf16x3": [], "bf16x3, softmax then split eagerly": []}
     for _ in range(2):  # two rounds, alternating
-        for name, sdpa in (("sdpa", None), ("bf16x3", decoder_sdpa), ("bf16x3, softmax then split eagerly", eager_softmax)):
+        for name, sdpa in (("sdpa", None), ("bf16x3", decoder_sdpa), ("bf16x3, softmax then split eagerly", parts_with_eager_softmax)):
             for attention in attentions:
                 attention.sdpa = sdpa
             times[name].append(cuda_median_ms(lambda: vae.decode(latents), repeat=10))

@@ -60,11 +60,11 @@ def test_the_compiled_softmax_keeps_the_low_parts_that_inductor_would_fold_away(
 
 def test_without_triton_the_softmax_and_its_split_stay_eager(monkeypatch):
     monkeypatch.setattr(decoder_attention.importlib.util, "find_spec", lambda name: None)
-    decoder_attention.fused_softmax_in_bfloat16_parts.cache_clear()
+    decoder_attention.softmax_parts_on_cuda.cache_clear()
     try:
-        assert decoder_attention.fused_softmax_in_bfloat16_parts() is softmax_in_bfloat16_parts
+        assert decoder_attention.softmax_parts_on_cuda() is softmax_in_bfloat16_parts
     finally:
-        decoder_attention.fused_softmax_in_bfloat16_parts.cache_clear()
+        decoder_attention.softmax_parts_on_cuda.cache_clear()
 
 
 def test_attention_from_parts_is_float32_attention_to_sixteen_bits():

@@ -71,7 +71,7 @@ def compiled_softmax_in_bfloat16_parts() -> SoftmaxParts:
 
 
 @functools.cache
-def fused_softmax_in_bfloat16_parts() -> SoftmaxParts:
+def softmax_parts_on_cuda() -> SoftmaxParts:
     """The softmax parts a CUDA device runs: compiled, or the eager calls where Inductor has no Triton to
     generate GPU code with."""
     if importlib.util.find_spec("triton") is None:
@@ -118,7 +118,7 @@ def decoder_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     Not while a caller of the decoder traces it with ``torch.compile``: Inductor would fold the low parts
     away (see :func:`compiled_softmax_in_bfloat16_parts`), so a traced call stays SDPA's."""
     if query.dtype == torch.float32 and query.is_cuda and attn_mask is None and not torch.compiler.is_compiling():
-        return attention_in_bfloat16_parts(query, key, value, softmax_parts=fused_softmax_in_bfloat16_parts())
+        return attention_in_bfloat16_parts(query, key, value, softmax_parts=softmax_parts_on_cuda())
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
 
 
