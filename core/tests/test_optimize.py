@@ -325,10 +325,12 @@ def test_per_image_graphs_of_weights_that_move_after_a_call_or_two_give_way_to_e
 
 
 def test_cudnn_benchmark_is_on_inside_the_hot_loops_calls_only(folder):
-    from gesso.optimize import cudnn_benchmark
+    from gesso.optimize import cudnn_benchmark, wrapper_chain
 
     pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    own_forward = pipeline.unet.forward
     cudnn_benchmark(pipeline, get_host().registry.families["sd15"].execution_policy)
+    assert own_forward in list(wrapper_chain(pipeline.unet.forward))  # later wrappers can find what lies beneath
     seen: dict[str, list[bool]] = {"unet": [], "vae": []}
     pipeline.unet.conv_in.register_forward_pre_hook(lambda *_: seen["unet"].append(torch.backends.cudnn.benchmark))
     pipeline.vae.decoder.conv_in.register_forward_pre_hook(lambda *_: seen["vae"].append(torch.backends.cudnn.benchmark))
@@ -346,3 +348,18 @@ def test_cudnn_benchmark_is_on_inside_the_hot_loops_calls_only(folder):
     with pytest.raises(RuntimeError, match="a step that fails"):
         images(pipeline)
     assert torch.backends.cudnn.benchmark is False  # restored on the way out of a failed call too
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
+def test_an_attention_kernel_pin_runs_on_the_cpu_exactly_where_it_says_it_does(folder, name):
+    """PyTorch's CPU has a flash kernel, and no cuDNN or memory-efficient one: a pin that claims the CPU
+    generates there, the others are refused by name before any work."""
+    from gesso.runner import optimize
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder)
+    if get_host().registry.optimizations[name].supports("sd15", "cpu") is None:
+        optimize(pipeline, [name])
+        np.testing.assert_allclose(images(pipeline), images(AutoPipelineForText2Image.from_pretrained(folder)), atol=1e-5)
+    else:
+        with pytest.raises(ConfigError, match=name):
+            optimize(pipeline, [name])

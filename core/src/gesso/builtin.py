@@ -77,9 +77,9 @@ OPTIMIZATIONS = (
         15,
     ),
     ("channels_last", "gesso.optimize:channels_last", "NHWC memory format for the UNet and VAE convolutions", ("cuda", "cpu"), 20),
-    ("sdpa_flash", "gesso.optimize:sdpa_flash", "attention through the flash SDPA kernel only", ("cuda",), 30),
+    ("sdpa_flash", "gesso.optimize:sdpa_flash", "attention through the flash SDPA kernel only", ("cuda", "cpu"), 30),
     ("sdpa_cudnn", "gesso.optimize:sdpa_cudnn", "attention through the cuDNN SDPA kernel only", ("cuda",), 30),
-    ("sdpa_efficient", "gesso.optimize:sdpa_efficient", "attention through the memory-efficient SDPA kernel only", ("cuda", "cpu"), 30),
+    ("sdpa_efficient", "gesso.optimize:sdpa_efficient", "attention through the memory-efficient SDPA kernel only", ("cuda",), 30),
     (
         "decoder_attention_bf16x3",
         "gesso.optimize.decoder_attention:decoder_attention_bf16x3",

@@ -93,16 +93,23 @@ def vae_tiling(pipeline: Any, policy: Any) -> None:
     vae.enable_tiling()
 
 
+class RunWithin:
+    """A module's ``forward``, each call inside a fresh ``context()``. It keeps the forward it wraps as
+    its own ``forward``, so that :func:`wrapper_chain` walks past it to the wrappers beneath."""
+
+    def __init__(self, forward: Callable[..., Any], context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self.forward = forward
+        self.context = context
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.context():
+            return self.forward(*args, **kwargs)
+
+
 def run_within(module: torch.nn.Module, context: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
     """Make every call of ``module`` run inside a fresh ``context()``: a setting that only its calls
     should see, and that the rest of the process keeps as it was."""
-    forward = module.forward
-
-    def within(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
-        with context():
-            return _forward(*args, **kwargs)
-
-    module.forward = within
+    module.forward = RunWithin(module.forward, context)
 
 
 def _sdpa_backend(name: str) -> Any:
