@@ -26,10 +26,13 @@ the autograd graph (a CUDA graph steps aside there too).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from gesso.optimize import wrapper_chain
 
 
 def memory_key(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -137,28 +140,27 @@ class OncePerInput:
         self.last_tensors = self.last_key = None
 
 
+def once_wrappers(forward: Any) -> Iterator[OncePerInput]:
+    """The ``OncePerInput`` wrappers at the top of ``forward``'s chain of wrappers, outermost first."""
+    return itertools.takewhile(lambda f: isinstance(f, OncePerInput), wrapper_chain(forward))
+
+
 def prepare_ahead(forward: Any, *args: Any, **kwargs: Any) -> None:
     """Do the work of each ``OncePerInput`` at the top of ``forward``'s chain of wrappers for a call
     with these arguments, without making the call. For a module that another module's graphed call
     runs (``controlnet_side_stream``): its once-wrappers must run outside that graph, before it, and
     the graph then calls what :func:`beneath_once_wrappers` returns."""
-    while isinstance(forward, OncePerInput):
-        forward.prepare(*args, **kwargs)
-        forward = forward.forward
+    for wrapper in once_wrappers(forward):
+        wrapper.prepare(*args, **kwargs)
 
 
 def beneath_once_wrappers(forward: Any) -> Any:
     """The callable that ``forward``'s ``OncePerInput`` wrappers call, without them."""
-    while isinstance(forward, OncePerInput):
-        forward = forward.forward
-    return forward
+    return next(f for f in wrapper_chain(forward) if not isinstance(f, OncePerInput))
 
 
 def wraps_already(module: torch.nn.Module, kind: type[OncePerInput]) -> bool:
-    """Whether ``module.forward`` is, or wraps, a ``kind`` wrapper (applying twice would do the work twice)."""
-    forward = module.forward
-    while isinstance(forward, OncePerInput):
-        if isinstance(forward, kind):
-            return True
-        forward = forward.forward
-    return False
+    """Whether ``module.forward`` is, or wraps, a ``kind`` wrapper (applying twice would do the work twice).
+    Only the once-wrappers at the top count: one beneath another wrapper, such as a CUDA graph's, does
+    its work inside that wrapper's call."""
+    return any(isinstance(wrapper, kind) for wrapper in once_wrappers(module.forward))
